@@ -1,0 +1,44 @@
+"""treadle: a microkernel for training PyTorch models.
+
+The kernel is a small event loop (``treadle.loop``) that emits a pluggy hook at every stage
+(``treadle.hookspecs``); strategies, precision, optimizers, schedulers, loggers, checkpoint
+formats and callbacks are plugins found through package entry points (``treadle.registry``).
+"""
+
+from treadle.components import CheckpointFormat, Logger, Precision, Strategy
+from treadle.config import Config
+from treadle.errors import (
+    ConfigError,
+    MissingDependencyError,
+    PluginError,
+    PluginLoadError,
+    TreadleError,
+    TreadleWarning,
+    UnknownNameError,
+)
+from treadle.hookspecs import hookimpl, hookspec
+from treadle.run import Run, seed_everything
+from treadle.state import LossSum, State
+
+__all__ = [
+    "CheckpointFormat",
+    "Config",
+    "ConfigError",
+    "Logger",
+    "LossSum",
+    "MissingDependencyError",
+    "PluginError",
+    "PluginLoadError",
+    "Precision",
+    "Run",
+    "State",
+    "Strategy",
+    "TreadleError",
+    "TreadleWarning",
+    "UnknownNameError",
+    "hookimpl",
+    "hookspec",
+    "seed_everything",
+]
+
+__version__ = "0.1.0"

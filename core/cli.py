@@ -1,0 +1,175 @@
+"""The ``treadle`` command: ``run RUN.toml``, ``plugins``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from treadle import registry
+from treadle.config import Config
+from treadle.errors import ConfigError, TreadleError
+from treadle.run import Run, seed_everything
+
+__all__ = ["build_run", "main"]
+
+_RUN_KEYS = {
+    "model", "train_data", "eval_data", "loss_fn", "config", "strategy", "precision",
+    "optimizer", "scheduler", "loggers", "checkpoint", "plugins",
+}  # fmt: skip
+
+
+def import_path(path: str) -> Any:
+    """Resolve ``"package.module:attribute"``: the only code a run file may name."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(f"{path!r} is not an import path of the form 'package.module:attribute'")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} (from {path!r}): {exc}") from exc
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError(
+                f"{module_name!r} has no attribute {attribute!r} (from {path!r})"
+            ) from None
+    return target
+
+
+def _call_factory(key: str, spec: Any) -> Any:
+    """``"pkg.mod:factory"`` → ``factory()``; ``{factory = "...", **kwargs}`` → ``factory(**kwargs)``."""
+    if isinstance(spec, str):
+        factory, kwargs = import_path(spec), {}
+    elif isinstance(spec, Mapping) and isinstance(spec.get("factory"), str):
+        kwargs = {k: v for k, v in spec.items() if k != "factory"}
+        factory = import_path(spec["factory"])
+    else:
+        raise ConfigError(
+            f"run file: {key} must be 'package.module:factory' or a table with factory = ..."
+        )
+    if not callable(factory):
+        raise ConfigError(f"run file: {key} = {spec!r} does not name a callable")
+    return factory(**kwargs)
+
+
+def _plugin_spec(spec: Any) -> Any:
+    if isinstance(spec, str) and ":" in spec:
+        return import_path(spec)
+    if isinstance(spec, Mapping) and isinstance(spec.get("import"), str):
+        target = import_path(spec["import"])
+        options = {k: v for k, v in spec.items() if k != "import"}
+        return target(**options) if isinstance(target, type) else target
+    return spec
+
+
+def build_run(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Run:
+    """Compose the ``Run`` a TOML run file describes (``overrides`` replace config fields)."""
+    path = Path(path)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read run file {path}: {exc}") from exc
+    unknown = set(spec) - _RUN_KEYS
+    if unknown:
+        raise ConfigError(
+            f"run file {path}: unknown keys {sorted(unknown)}; known: {sorted(_RUN_KEYS)}"
+        )
+    for missing in ("model", "train_data"):
+        if missing not in spec:
+            raise ConfigError(
+                f"run file {path}: '{missing}' is required (an import path to a factory)"
+            )
+    config = Config.from_dict({**spec.get("config", {}), **(overrides or {})})
+    for directory in (str(path.resolve().parent), str(Path.cwd())):
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+    seed_everything(config.seed)  # the model factory draws its initial weights from here
+    model = _call_factory("model", spec["model"])
+    kwargs: dict[str, Any] = {"config": config}
+    for key in ("train_data", "eval_data"):
+        if key in spec:
+            kwargs[key] = _call_factory(key, spec[key])
+    if "loss_fn" in spec:
+        kwargs["loss_fn"] = import_path(spec["loss_fn"])
+    for key in ("strategy", "precision", "optimizer", "scheduler", "checkpoint"):
+        if key in spec:
+            kwargs[key] = spec[key]
+    if "loggers" in spec:
+        kwargs["loggers"] = list(spec["loggers"])
+    if "plugins" in spec:
+        kwargs["plugins"] = [_plugin_spec(p) for p in spec["plugins"]]
+    return Run(model, **kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        overrides[key.strip()] = _parse_value(value.strip())
+    with build_run(args.file, overrides) as run:
+        run.fit()
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    rows = [
+        (e.kind, e.name, f"{e.distribution} {e.version}", e.value) for e in registry.installed()
+    ]
+    if not rows:
+        print("no treadle plugins installed")
+        return 0
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    kind = None
+    for row in rows:
+        if row[0] != kind:
+            kind = row[0]
+            print(f"{kind}:")
+        print(f"  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from treadle.plugins import demo
+
+    return demo.main(args.demo_args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="treadle", description="A microkernel for training PyTorch models."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="train the run described by a TOML file")
+    run_parser.add_argument("file", help="the run file (TOML)")
+    run_parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config field"
+    )
+    run_parser.set_defaults(handler=_cmd_run)
+    plugins_parser = commands.add_parser(
+        "plugins", help="list installed plugins by kind (imports none)"
+    )
+    plugins_parser.set_defaults(handler=_cmd_plugins)
+    demo_parser = commands.add_parser("demo", help="train a small transformer on a generated task")
+    demo_parser.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo_parser.set_defaults(handler=_cmd_demo)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except TreadleError as exc:
+        print(f"treadle: error: {exc}", file=sys.stderr)
+        return 2

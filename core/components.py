@@ -1,0 +1,321 @@
+"""The small interfaces that component plugins implement.
+
+A strategy, precision, checkpoint format or logger is a class (found through its entry-point
+group, or passed as an instance); an optimizer or scheduler is a factory function. Each base
+class here already behaves as the simplest reference implementation (one process, full
+precision), so a plugin overrides only what it changes. Every component instance is also
+registered with the run's plugin manager: a ``@treadle.hookimpl`` method on it listens to hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from treadle.data import ResumableSampler
+from treadle.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from treadle.run import Run
+
+__all__ = [
+    "CheckpointFormat",
+    "Logger",
+    "OptimizerFactory",
+    "Precision",
+    "SchedulerFactory",
+    "Strategy",
+]
+
+
+class OptimizerFactory(Protocol):
+    """``factory(model, **options) -> Optimizer``; entry-point group ``treadle.optimizer``."""
+
+    def __call__(self, model: nn.Module, /, **options: Any) -> torch.optim.Optimizer: ...
+
+
+class SchedulerFactory(Protocol):
+    """``factory(optimizer, total_steps=N, **options) -> scheduler``; group ``treadle.scheduler``.
+
+    The scheduler needs ``step()``, ``state_dict()``, ``load_state_dict()``; it is stepped after
+    every optimizer step and may listen to hooks (``reduce-on-plateau`` listens to evaluation).
+    """
+
+    def __call__(
+        self, optimizer: torch.optim.Optimizer, /, *, total_steps: int, **options: Any
+    ) -> Any: ...
+
+
+class Precision:
+    """Numeric precision: module conversion, autocast, loss scaling. The base is full fp32."""
+
+    name: ClassVar[str] = "fp32"
+    device: torch.device = torch.device("cpu")
+
+    def setup(self, device: torch.device) -> None:
+        """Called once the strategy chose the device; raise ``ConfigError`` if unsupported."""
+        self.device = device
+
+    def convert_module(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def convert_input(self, batch: Any) -> Any:
+        return batch
+
+    def forward_context(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``.grad`` hold true gradients before ``on_before_optimizer_step``."""
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Step; return False when the step was skipped (non-finite gradients)."""
+        optimizer.step()
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+class Strategy:
+    """Devices, processes, wrapping, backward and step, reductions and state-dict layout.
+
+    The base runs in one process on ``self.device`` and delegates numerics to
+    ``self.precision``. A strategy whose engine does its own mixed precision sets
+    ``owns_precision``; the run then rejects a separate precision plugin at compose time.
+    """
+
+    name: ClassVar[str] = "strategy"
+    owns_precision: ClassVar[bool] = False
+    precision: Precision
+    device: torch.device = torch.device("cpu")
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    # -- life cycle
+    def setup(self, run: Run) -> None:
+        """Choose the device, start process groups. Called once, at the first ``fit``."""
+        self.precision.setup(self.device)
+
+    def teardown(self) -> None:
+        """Release process groups and engines. Called when the run is closed."""
+
+    def model_init_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Entered around model construction by code that builds models late (meta/ZeRO-3)."""
+        return contextlib.nullcontext()
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return self.precision.convert_module(model).to(self.device)
+
+    def unwrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    # -- data
+    def train_sampler(
+        self, dataset_length: int, *, shuffle: bool, seed: int, drop_last: bool
+    ) -> ResumableSampler:
+        return ResumableSampler(
+            dataset_length,
+            shuffle=shuffle,
+            seed=seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            drop_last=drop_last,
+        )
+
+    def to_device(self, batch: Any) -> Any:
+        return move_to_device(self.precision.convert_input(batch), self.device)
+
+    # -- the step
+    def forward_context(self) -> contextlib.AbstractContextManager[Any]:
+        return self.precision.forward_context()
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """Context for non-final micro-batches: skip gradient synchronisation."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.precision.scale_loss(loss).backward()
+
+    def finalize_gradients(
+        self, optimizer: torch.optim.Optimizer, divisor: torch.Tensor | float
+    ) -> None:
+        """Unscale, then divide the accumulated gradients by ``divisor``: the number of
+        micro-batches (``mean``, a number) or of scored tokens (``tokens``, a device tensor)
+        in this rank's window.
+        """
+        self.precision.unscale_gradients(optimizer)
+        if isinstance(divisor, torch.Tensor):
+            if self.world_size > 1:
+                # DDP-style reduction averages gradients over ranks, so divide by the mean of
+                # the ranks' token counts: the result is the sum over all tokens / all tokens.
+                divisor = self.all_reduce(divisor.detach().clone(), "mean")
+        elif divisor == 1:
+            return
+        grads = [
+            p.grad
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        if grads:
+            if isinstance(divisor, torch.Tensor):
+                divisor = divisor.to(device=grads[0].device, dtype=grads[0].dtype)
+            torch._foreach_div_(grads, divisor)
+
+    def clip_grad_norm(
+        self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
+    ) -> torch.Tensor:
+        return nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        return self.precision.optimizer_step(optimizer)
+
+    # -- collectives (identity in one process)
+    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def agree(self, requests: int) -> int:
+        """Bitwise OR of every rank's pending requests, so all ranks act alike."""
+        return requests
+
+    # -- state-dict layout
+    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.unwrap_model(model).state_dict()
+
+    def load_model_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        self.unwrap_model(model).load_state_dict(state)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
+    ) -> None:
+        optimizer.load_state_dict(dict(state))
+
+
+class CheckpointFormat:
+    """How named tensors are written to and read from a checkpoint directory.
+
+    The run owns the directory (temporary name, fsync, rename, ``latest``); the format owns
+    the files for each ``stem`` (``"model"``, ``"optimizer"``, ...).
+    """
+
+    name: ClassVar[str] = "format"
+
+    def save_tensors(
+        self, directory: Path, stem: str, tensors: Mapping[str, torch.Tensor]
+    ) -> list[str]:
+        """Write ``tensors``; return the file names written (relative to ``directory``)."""
+        raise NotImplementedError
+
+    def load_tensors(self, directory: Path, stem: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def save_model(
+        self, directory: Path, model: nn.Module, state: Mapping[str, torch.Tensor]
+    ) -> list[str]:
+        """Write model weights; a format may shard them or de-duplicate tied tensors."""
+        return self.save_tensors(directory, "model", state)
+
+    def load_model(self, directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.load_tensors(directory, "model")
+
+
+class Logger:
+    """A metrics sink. Subclasses implement ``start``, ``log`` and ``finish``.
+
+    By default only the main process writes (``all_ranks = False``).
+    """
+
+    name: ClassVar[str] = "logger"
+    all_ranks: ClassVar[bool] = False
+    _started = False
+
+    def start(self, run: Run) -> None:
+        """Open files or connections; ``run.hparams()`` is the run's configuration."""
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Flush and close. ``start`` is called again if the run fits again."""
+
+    def _active(self, run: Run) -> bool:
+        return self.all_ranks or run.is_main_process
+
+    @hookimpl
+    def on_fit_begin(self, run: Run) -> None:
+        if self._active(run) and not self._started:
+            self._started = True
+            self.start(run)
+
+    @hookimpl
+    def on_log(self, run: Run, metrics: Mapping[str, float]) -> None:
+        if not self._active(run):
+            return
+        if not self._started:
+            self._started = True
+            self.start(run)
+        self.log(metrics, int(metrics.get("step", run.state.step)))
+
+    @hookimpl
+    def on_fit_end(self, run: Run) -> None:
+        if self._started:
+            self._started = False
+            self.finish()
+
+    @hookimpl
+    def on_exception(self, run: Run) -> None:
+        self.on_fit_end(run)
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``, without blocking."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a nested structure."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from iter_tensors(value)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            yield from iter_tensors(value)

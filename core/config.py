@@ -1,0 +1,136 @@
+"""``Config``: the run's plain settings, frozen and validated when built."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from treadle.errors import ConfigError
+
+__all__ = ["Config"]
+
+
+def _fail(field: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"Config.{field} = {value!r} is not allowed: {allowed}")
+
+
+def _int_at_least(minimum: int, *, optional: bool = False) -> Any:
+    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            none = " or None" if optional else ""
+            raise _fail(attribute.name, value, f"expected an integer >= {minimum}{none}")
+
+    return check
+
+
+def _one_of(*choices: Any) -> Any:
+    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in choices:
+            raise _fail(attribute.name, value, f"expected one of {', '.join(map(repr, choices))}")
+
+    return check
+
+
+def _of_type(kind: type | tuple[type, ...], description: str, *, optional: bool = False) -> Any:
+    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if optional and value is None:
+            return
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise _fail(attribute.name, value, f"expected {description}")
+
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """How long to train, how to batch, when to log, evaluate and save.
+
+    Every field is a primitive; ``Config.from_dict`` (used for TOML and ``dict`` configs)
+    rejects unknown keys by name. Example::
+
+        treadle.Config(max_steps=1_000, grad_accum_steps=4, log_every=10, eval_every=200,
+                       save_every=500, seed=0, output_dir="runs/exp1", resume="auto")
+    """
+
+    #: optimizer steps to take in ``fit()``; with ``max_epochs``, whichever ends first.
+    max_steps: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
+    #: passes over the training data; defaults to 1 when ``max_steps`` is not set.
+    max_epochs: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
+    #: micro-batches per optimizer step.
+    grad_accum_steps: int = attrs.field(default=1, validator=_int_at_least(1))
+    #: "mean": average of micro-batch losses; "tokens": sum of per-token losses over the
+    #: window divided by the number of scored tokens in the whole window.
+    loss_normalization: str = attrs.field(default="mean", validator=_one_of("mean", "tokens"))
+    #: per-device batch size, used when ``train_data`` is a Dataset rather than a DataLoader.
+    batch_size: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
+    #: per-device evaluation batch size; defaults to ``batch_size``.
+    eval_batch_size: int | None = attrs.field(
+        default=None, validator=_int_at_least(1, optional=True)
+    )
+    #: shuffle the training data (seeded by ``seed`` and the epoch).
+    shuffle: bool = attrs.field(default=True, validator=_of_type(bool, "True or False"))
+    #: drop the last incomplete training batch.
+    drop_last: bool = attrs.field(default=False, validator=_of_type(bool, "True or False"))
+    #: DataLoader worker processes for loaders treadle builds.
+    num_workers: int = attrs.field(default=0, validator=_int_at_least(0))
+    #: log training metrics every N optimizer steps (0: only at the end).
+    log_every: int = attrs.field(default=50, validator=_int_at_least(0))
+    #: evaluate every N optimizer steps (None: never during the epoch).
+    eval_every: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
+    #: evaluate at the end of every epoch.
+    eval_every_epoch: bool = attrs.field(default=False, validator=_of_type(bool, "True or False"))
+    #: evaluate once more when ``fit()`` ends (if eval data was given and not just evaluated).
+    eval_at_end: bool = attrs.field(default=True, validator=_of_type(bool, "True or False"))
+    #: save a checkpoint every N optimizer steps (None: never during training).
+    save_every: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
+    #: save a checkpoint when ``fit()`` ends (unless the last step was just saved).
+    save_at_end: bool = attrs.field(default=True, validator=_of_type(bool, "True or False"))
+    #: keep only the newest N checkpoints (None: keep all).
+    keep_last: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
+    #: also keep the best K checkpoints by ``monitor`` (never deleted by ``keep_last``).
+    keep_best: int = attrs.field(default=0, validator=_int_at_least(0))
+    #: the logged metric that defines "best", e.g. "eval/loss".
+    monitor: str | None = attrs.field(
+        default=None, validator=_of_type(str, "a metric name", optional=True)
+    )
+    #: whether smaller ("min") or larger ("max") values of ``monitor`` are better.
+    monitor_mode: str = attrs.field(default="min", validator=_one_of("min", "max"))
+    #: seed for python, numpy and torch (and the data order).
+    seed: int = attrs.field(default=0, validator=_int_at_least(0))
+    #: ask torch for deterministic algorithms (slower on some kernels).
+    deterministic: bool = attrs.field(default=False, validator=_of_type(bool, "True or False"))
+    #: where checkpoints and logs go.
+    output_dir: str = attrs.field(default="runs/treadle", validator=_of_type(str, "a path"))
+    #: None (fresh start), "auto" (newest valid checkpoint in output_dir, else fresh), or a path.
+    resume: str | None = attrs.field(
+        default=None, validator=_of_type(str, "'auto' or a path", optional=True)
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.keep_best and self.monitor is None:
+            raise _fail("keep_best", self.keep_best, "needs Config.monitor (the metric to rank by)")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Config:
+        """Build from a mapping (TOML table, JSON), rejecting unknown keys by name."""
+        known = [field.name for field in attrs.fields(cls)]
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"unknown config key {key!r}.{hint} Known keys: {', '.join(known)}"
+                )
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied and validated."""
+        return type(self).from_dict({**attrs.asdict(self), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)

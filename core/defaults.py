@@ -1,0 +1,221 @@
+"""The kernel's own provider implementations, registered ``trylast`` so any plugin's wins."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from treadle.data import ResumableSampler
+from treadle.errors import ConfigError, TreadleError
+from treadle.hookspecs import hookimpl
+from treadle.state import LossSum
+
+if TYPE_CHECKING:
+    from treadle.run import Run
+
+PLUGIN_NAME = "treadle.defaults"
+
+
+def forward(model: nn.Module, batch: Any) -> Any:
+    """Call the model the way the batch is shaped: mapping → keywords, sequence → first item."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, list | tuple):
+        return model(batch[0])
+    return model(batch)
+
+
+def loss_from_outputs(outputs: Any) -> torch.Tensor:
+    loss = getattr(outputs, "loss", None)
+    if loss is None and isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+    if loss is None:
+        raise TreadleError(
+            f"the model returned {type(outputs).__name__} with no 'loss'. Return an object with "
+            "a .loss attribute or a mapping with a 'loss' key, pass loss_fn=... to treadle.Run, "
+            "or implement the compute_loss hook."
+        )
+    return loss  # type: ignore[no-any-return]
+
+
+@hookimpl(trylast=True)
+def compute_loss(run: Run, model: nn.Module, batch: Any) -> torch.Tensor | LossSum:
+    outputs = forward(model, batch)
+    if run.loss_fn is not None:
+        return run.loss_fn(outputs, batch)  # type: ignore[no-any-return]
+    return loss_from_outputs(outputs)
+
+
+@hookimpl(trylast=True)
+def training_step(run: Run, model: nn.Module, batch: Any) -> torch.Tensor | LossSum:
+    with run.strategy.forward_context():
+        loss = run.provide("compute_loss", run=run, model=model, batch=batch)
+    run.backward(backward_value(loss, run.config.loss_normalization))
+    return loss  # type: ignore[no-any-return]
+
+
+def backward_value(loss: torch.Tensor | LossSum, normalization: str) -> torch.Tensor:
+    """What to back-propagate; the kernel divides the gradients by the window's divisor."""
+    if isinstance(loss, LossSum):
+        return loss.total if normalization == "tokens" else loss.total / loss.count
+    if normalization == "tokens":
+        raise TreadleError(
+            "Config.loss_normalization='tokens' needs the loss as treadle.LossSum(total, count) "
+            "(sum of per-token losses and the number of scored tokens); compute_loss returned a "
+            "plain tensor. Return a LossSum from loss_fn or a compute_loss hook, or use 'mean'."
+        )
+    return loss
+
+
+@hookimpl(trylast=True)
+def eval_step(run: Run, model: nn.Module, batch: Any) -> Mapping[str, Any]:
+    with run.strategy.forward_context():
+        loss = run.provide("compute_loss", run=run, model=model, batch=batch)
+    if isinstance(loss, LossSum):
+        return {"loss": loss.total / loss.count, "count": loss.count}
+    return {"loss": loss, "count": batch_rows(batch)}
+
+
+@hookimpl(trylast=True)
+def predict_step(run: Run, model: nn.Module, batch: Any) -> Any:
+    with run.strategy.forward_context():
+        return forward(model, batch)
+
+
+def batch_rows(batch: Any) -> int:
+    """The number of examples in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values: Iterable[Any] = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(values, Iterable) and not isinstance(batch, str | bytes):
+        for value in values:
+            if isinstance(value, torch.Tensor) and value.dim():
+                return int(value.shape[0])
+    return 1
+
+
+# ------------------------------------------------------------------ loaders
+
+
+@hookimpl(trylast=True)
+def make_train_loader(run: Run, data: Any) -> Iterable[Any]:
+    config = run.config
+    if isinstance(data, DataLoader):
+        if _has_standard_sampler(data):
+            # A standard sampler is replaced by a seeded, rank-aware, resumable one with the
+            # same shuffling, so that order survives resume and is sharded across ranks.
+            shuffle = isinstance(data.sampler, RandomSampler)
+            sampler = run.strategy.train_sampler(
+                len(data.dataset),  # type: ignore[arg-type]
+                shuffle=shuffle,
+                seed=config.seed,
+                drop_last=False,
+            )
+            return _rebuild(data, sampler)
+        return data
+    if _is_map_dataset(data):
+        if config.batch_size is None:
+            raise ConfigError(
+                "train_data is a Dataset, so Config.batch_size must be set (per-device batch size)"
+            )
+        sampler = run.strategy.train_sampler(
+            len(data), shuffle=config.shuffle, seed=config.seed, drop_last=False
+        )
+        return DataLoader(
+            data,
+            batch_size=config.batch_size,
+            sampler=sampler,
+            drop_last=config.drop_last,
+            num_workers=config.num_workers,
+        )
+    return data  # any re-iterable of ready batches (a list, a generator factory's result)
+
+
+@hookimpl(trylast=True)
+def make_eval_loader(run: Run, data: Any) -> Iterable[Any]:
+    if isinstance(data, DataLoader):
+        if run.strategy.world_size > 1 and _has_standard_sampler(data):
+            sampler = run.strategy.train_sampler(
+                len(data.dataset),
+                shuffle=False,
+                seed=0,
+                drop_last=False,  # type: ignore[arg-type]
+            )
+            return _rebuild(data, sampler)
+        return data
+    if _is_map_dataset(data):
+        batch_size = run.config.eval_batch_size or run.config.batch_size
+        if batch_size is None:
+            raise ConfigError("eval data is a Dataset, so Config.batch_size must be set")
+        sampler = run.strategy.train_sampler(len(data), shuffle=False, seed=0, drop_last=False)
+        return DataLoader(
+            data, batch_size=batch_size, sampler=sampler, num_workers=run.config.num_workers
+        )
+    return data
+
+
+def _is_map_dataset(data: Any) -> bool:
+    return isinstance(data, Dataset) and hasattr(data, "__len__") and hasattr(data, "__getitem__")
+
+
+def _has_standard_sampler(loader: DataLoader[Any]) -> bool:
+    return (
+        loader.batch_size is not None
+        and isinstance(loader.sampler, RandomSampler | SequentialSampler)
+        and _is_map_dataset(loader.dataset)
+    )
+
+
+def _rebuild(loader: DataLoader[Any], sampler: ResumableSampler) -> DataLoader[Any]:
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        persistent_workers=loader.persistent_workers,
+        prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
+    )
+
+
+# ------------------------------------------------------------------ optimizer and scheduler
+
+
+@hookimpl(trylast=True)
+def make_optimizer(run: Run, model: nn.Module) -> torch.optim.Optimizer:
+    spec = run.optimizer_spec
+    if isinstance(spec, torch.optim.Optimizer):
+        return spec
+    factory, options = spec
+    return factory(model, **options)  # type: ignore[no-any-return]
+
+
+@hookimpl(trylast=True)
+def make_scheduler(run: Run, optimizer: torch.optim.Optimizer) -> Any:
+    spec = run.scheduler_spec
+    if spec is None or not isinstance(spec, tuple):
+        return spec
+    factory, options = spec
+    if run.total_steps is None:
+        raise ConfigError(
+            "a scheduler needs the total number of steps: set Config.max_steps, or give "
+            "train data with a length"
+        )
+    return factory(optimizer, total_steps=run.total_steps, **options)
+
+
+def sequence_of(value: Any) -> Sequence[Any]:
+    if value is None:
+        return ()
+    if isinstance(value, str | Mapping) or not isinstance(value, Sequence):
+        return (value,)
+    return value

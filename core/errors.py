@@ -1,0 +1,89 @@
+"""The exceptions and warnings treadle raises: one base class, each message names what to fix."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "ConfigError",
+    "MissingDependencyError",
+    "PluginError",
+    "PluginLoadError",
+    "TreadleError",
+    "TreadleWarning",
+    "UnknownNameError",
+]
+
+
+class TreadleError(Exception):
+    """Base class of every error treadle raises on purpose."""
+
+
+class TreadleWarning(UserWarning):
+    """Base class of every warning treadle emits."""
+
+
+class ConfigError(TreadleError, ValueError):
+    """A value given to a run (config field, component option, argument) is not allowed."""
+
+
+class UnknownNameError(TreadleError, LookupError):
+    """A component was asked for by a name that no installed distribution provides."""
+
+    def __init__(self, kind: str, name: str, installed: Iterable[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.installed = sorted(installed)
+        close = difflib.get_close_matches(name, self.installed, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        listing = ", ".join(self.installed) or "none"
+        super().__init__(
+            f"unknown {kind} {name!r}.{hint} Installed {kind} names: {listing}. "
+            f"A third-party {kind} becomes available by installing the package that declares "
+            f'it in the entry-point group "treadle.{kind}".'
+        )
+
+
+class PluginLoadError(TreadleError, ImportError):
+    """An installed entry point could not be imported; only runs that ask for it fail."""
+
+    def __init__(self, kind: str, name: str, value: str, distribution: str, cause: BaseException):
+        self.kind = kind
+        self.name = name
+        self.distribution = distribution
+        super().__init__(
+            f"{kind} {name!r} (entry point {value!r} of distribution {distribution!r}) "
+            f"failed to import: {type(cause).__name__}: {cause}"
+        )
+
+
+class MissingDependencyError(TreadleError, ImportError):
+    """A plugin needs an optional library that is not installed."""
+
+    def __init__(self, what: str, module: str, extra: str) -> None:
+        self.module = module
+        self.extra = extra
+        super().__init__(
+            f"{what} needs the optional library {module!r}, which is not installed. "
+            f'Install it with: pip install "treadle[{extra}]" -c constraints.txt'
+        )
+
+
+class PluginError(TreadleError):
+    """A plugin misbehaved: a hook implementation raised, or does not match any hook."""
+
+    def __init__(self, plugin: str, hook: str, message: str) -> None:
+        self.plugin = plugin
+        self.hook = hook
+        super().__init__(f"plugin {plugin!r}, hook {hook!r}: {message}")
+
+
+def require(module: str, *, extra: str, what: str) -> object:
+    """Import an optional dependency, or fail with the exact install command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(what, module, extra) from exc

@@ -1,0 +1,1 @@
+"""First-party treadle plugins, discovered through the entry points in pyproject.toml."""

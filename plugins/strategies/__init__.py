@@ -1,0 +1,1 @@
+"""Distribution strategies: one module each, found through the ``treadle.strategy`` group."""
