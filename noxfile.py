@@ -1,0 +1,95 @@
+"""Development sessions. Every install passes ``-c constraints.txt`` (torch pinned to CPU)."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.default_venv_backend = "venv"
+CONSTRAINTS = ("-c", "constraints.txt")
+
+
+def install(session: nox.Session, *args: str) -> None:
+    session.install(*CONSTRAINTS, *args)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (what CI runs): unit, behaviour, multi-process and end-to-end tests."""
+    install(session, "-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    install(session, "ruff>=0.5")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the kernel."""
+    install(session, "-e", ".", "mypy>=1.10")
+    session.run("mypy", "core")
+
+
+@nox.session
+def wheel(session: nox.Session) -> None:
+    """Build the wheel, install it in a fresh venv (not editable) and smoke-test it."""
+    install(session, "build")
+    session.run("rm", "-rf", "dist", external=True)
+    session.run("python", "-m", "build", "--wheel", "--outdir", "dist")
+    wheels = sorted(__import__("glob").glob("dist/treadle-*.whl"))
+    install(session, wheels[-1])
+    session.chdir(session.create_tmp())  # away from the source tree, so the wheel is imported
+    session.run("python", "-c", SMOKE)
+    session.run("treadle", "plugins")
+
+
+SMOKE = """
+import importlib.metadata as md, treadle, treadle.plugins.strategies.single as single
+assert "site-packages" in treadle.__file__, treadle.__file__
+groups = {ep.group for ep in md.distribution("treadle").entry_points}
+assert {"treadle.strategy", "treadle.optimizer", "treadle.logger", "treadle.plugin"} <= groups
+from importlib import resources
+assert resources.files("treadle").joinpath("py.typed").is_file()
+import torch
+run = treadle.Run(torch.nn.Linear(2, 1), [torch.ones(4, 2)], loss_fn=lambda out, batch: out.pow(2).mean(),
+                  config=treadle.Config(max_steps=2, save_at_end=False), loggers=[])
+run.fit()
+assert run.state.step == 2
+print("wheel smoke test ok:", treadle.__file__)
+"""
+
+
+@nox.session
+def dist(session: nox.Session) -> None:
+    """Only the multi-process tests (gloo, two processes on 127.0.0.1)."""
+    install(session, "-e", ".[test]")
+    session.run("python", "-m", "pytest", "-m", "multiprocess", *session.posargs)
+
+
+@nox.session
+def contrib(session: nox.Session) -> None:
+    """Install each contrib/ distribution for real and run its tests."""
+    install(session, "-e", ".[test]")
+    for project in sorted(__import__("glob").glob("contrib/*/pyproject.toml")):
+        directory = project.rsplit("/", 1)[0]
+        install(session, directory)
+        session.run("python", "-m", "pytest", directory)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark suite against the bare loop and the peers (tests/bench/)."""
+    install(session, "-e", ".[bench]")
+    session.run("python", "-m", "tests.bench", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Run every Python example in docs/ and the README."""
+    install(session, "-e", ".[test]")
+    session.run("python", "-m", "pytest", "tests/test_docs.py")
