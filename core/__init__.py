@@ -5,6 +5,7 @@ The kernel is a small event loop (``treadle.loop``) that emits a pluggy hook at 
 formats and callbacks are plugins found through package entry points (``treadle.registry``).
 """
 
+from treadle.checkpoint import load_weights
 from treadle.components import CheckpointFormat, Logger, Precision, Strategy
 from treadle.config import Config
 from treadle.errors import (
@@ -38,6 +39,7 @@ __all__ = [
     "UnknownNameError",
     "hookimpl",
     "hookspec",
+    "load_weights",
     "seed_everything",
 ]
 

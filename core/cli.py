@@ -1,4 +1,4 @@
-"""The ``treadle`` command: ``run RUN.toml``, ``plugins``, ``demo``."""
+"""The ``treadle`` command: ``run RUN.toml``, ``plugins``, ``export CKPT OUT``, ``demo``."""
 
 from __future__ import annotations
 
@@ -143,6 +143,14 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from treadle import checkpoint
+
+    out = checkpoint.export(args.checkpoint, args.out, format=args.format)
+    print(f"exported the weights of {checkpoint.resolve(args.checkpoint)} to {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from treadle.plugins import demo
 
@@ -164,6 +172,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plugins", help="list installed plugins by kind (imports none)"
     )
     plugins_parser.set_defaults(handler=_cmd_plugins)
+    export_parser = commands.add_parser(
+        "export", help="write a checkpoint's weights as a weights-only folder (safetensors)"
+    )
+    export_parser.add_argument(
+        "checkpoint", help="a checkpoint directory, a checkpoints/ directory or a run's output"
+    )
+    export_parser.add_argument("out", help="the folder to create")
+    export_parser.add_argument(
+        "--format", default="safetensors", help="checkpoint format to write (default: safetensors)"
+    )
+    export_parser.set_defaults(handler=_cmd_export)
     demo_parser = commands.add_parser("demo", help="train a small transformer on a generated task")
     demo_parser.add_argument("demo_args", nargs=argparse.REMAINDER)
     demo_parser.set_defaults(handler=_cmd_demo)

@@ -169,6 +169,8 @@ class Strategy:
                 # DDP-style reduction averages gradients over ranks, so divide by the mean of
                 # the ranks' token counts: the result is the sum over all tokens / all tokens.
                 divisor = self.all_reduce(divisor.detach().clone(), "mean")
+            # a window with no scored token has zero gradients; keep them zero, not NaN
+            divisor = divisor.clamp_min(1)
         elif divisor == 1:
             return
         grads = [
@@ -205,17 +207,26 @@ class Strategy:
         return requests
 
     # -- state-dict layout
-    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    # ``sharded=False``: the full state, complete on the main process (the only one that
+    # writes it; other ranks may return less). ``sharded=True`` (for a checkpoint format with
+    # ``CheckpointFormat.sharded``, which every rank writes): this rank's part, e.g. DTensors.
+    def model_state_dict(
+        self, model: nn.Module, *, sharded: bool = False
+    ) -> dict[str, torch.Tensor]:
         return self.unwrap_model(model).state_dict()
 
-    def load_model_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    def load_model_state_dict(
+        self, model: nn.Module, state: Mapping[str, torch.Tensor], *, sharded: bool = False
+    ) -> None:
         self.unwrap_model(model).load_state_dict(state)
 
-    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, *, sharded: bool = False
+    ) -> dict[str, Any]:
         return optimizer.state_dict()
 
     def load_optimizer_state_dict(
-        self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
+        self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any], *, sharded: bool = False
     ) -> None:
         optimizer.load_state_dict(dict(state))
 
@@ -228,6 +239,23 @@ class CheckpointFormat:
     """
 
     name: ClassVar[str] = "format"
+    #: Every rank writes its own shards of the weights and optimizer state, through
+    #: ``save_sharded`` / ``load_sharded`` (collective calls); the rest is written by the main
+    #: process through the methods below, as for any format.
+    sharded: ClassVar[bool] = False
+
+    def save_sharded(
+        self, directory: Path, stem: str, tensors: Mapping[str, torch.Tensor]
+    ) -> list[str]:
+        """Called on every rank with its part of ``stem`` (DTensors or replicated tensors)."""
+        raise NotImplementedError
+
+    def load_sharded(
+        self, directory: Path, stem: str, template: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Called on every rank: the stored tensors of ``stem``, those named in ``template``
+        read into its tensors in place (each rank reads only its shards), any others whole."""
+        raise NotImplementedError
 
     def save_tensors(
         self, directory: Path, stem: str, tensors: Mapping[str, torch.Tensor]

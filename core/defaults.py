@@ -73,11 +73,57 @@ def backward_value(loss: torch.Tensor | LossSum, normalization: str) -> torch.Te
 
 @hookimpl(trylast=True)
 def eval_step(run: Run, model: nn.Module, batch: Any) -> Mapping[str, Any]:
+    outputs: dict[str, Any] = {}
     with run.strategy.forward_context():
-        loss = run.provide("compute_loss", run=run, model=model, batch=batch)
+        if _own_loss(run):  # forward here, to keep the model's predictions for metrics
+            model_outputs = forward(model, batch)
+            if run.loss_fn is not None:
+                loss = run.loss_fn(model_outputs, batch)
+            else:
+                loss = loss_from_outputs(model_outputs)
+            outputs["predictions"] = predictions_of(model_outputs)
+        else:  # a plugin's compute_loss defines the loss: the model is called through it
+            loss = run.provide("compute_loss", run=run, model=model, batch=batch)
     if isinstance(loss, LossSum):
-        return {"loss": loss.total / loss.count, "count": loss.count}
-    return {"loss": loss, "count": batch_rows(batch)}
+        outputs.update(loss=loss.total / loss.count, count=loss.count)
+    else:
+        outputs.update(loss=loss, count=batch_rows(batch))
+    outputs["labels"] = labels_of(batch)
+    return {k: v for k, v in outputs.items() if v is not None}
+
+
+def _own_loss(run: Run) -> bool:
+    """Whether ``compute_loss`` is the kernel's own (no plugin replaced it)."""
+    return all(
+        impl.plugin_name == PLUGIN_NAME
+        for impl in run.plugin_manager.hook.compute_loss.get_hookimpls()
+    )
+
+
+_PREDICTION_KEYS = ("logits", "predictions", "prediction", "preds")
+_LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+def predictions_of(outputs: Any) -> Any:
+    """The model's predictions: a tensor output, else its first ``logits``, ``predictions``,
+    ``prediction`` or ``preds`` (key or attribute); None if there is none."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    for key in _PREDICTION_KEYS:
+        value = outputs.get(key) if isinstance(outputs, Mapping) else getattr(outputs, key, None)
+        if value is not None:
+            return value
+    return None
+
+
+def labels_of(batch: Any) -> Any:
+    """A batch's labels: its first ``labels``, ``label``, ``targets``, ``target`` or ``y``
+    entry, or the second item of a sequence batch; None if there is none."""
+    if isinstance(batch, Mapping):
+        return next((batch[k] for k in _LABEL_KEYS if batch.get(k) is not None), None)
+    if isinstance(batch, list | tuple) and len(batch) >= 2:
+        return batch[1]
+    return None
 
 
 @hookimpl(trylast=True)

@@ -9,8 +9,9 @@ An implementation takes only the arguments it needs, by name (pluggy passes them
     @treadle.hookimpl
     def on_step_end(run, loss): ...
 
-The loop, with every hook at the place it fires (``# <hook>`` marks a firing point; a test
-checks these markers against the hook specifications below, both ways)::
+The loop, with every hook at the place it fires (a comment holding the hook's name in angle
+brackets marks its firing point; a test checks these markers against the hook specifications
+below, both ways)::
 
     run = Run(...)                                   # components resolved, plugins registered
                                                      # <on_init_end>
@@ -39,7 +40,7 @@ checks these markers against the hook specifications below, both ways)::
                                                      # <on_micro_step_end>
                 strategy.finalize_gradients()        # unscaled, divided, synchronised
                                                      # <on_before_optimizer_step>
-                strategy.optimizer_step()
+                strategy.optimizer_step()            # not if a plugin called run.skip_step()
                                                      # <on_after_optimizer_step>
                 scheduler.step(); optimizer.zero_grad(set_to_none=True); state.step += 1
                                                      # <on_step_end>
@@ -57,6 +58,9 @@ checks these markers against the hook specifications below, both ways)::
         for batch in loader:
             outputs = eval_step(run, model, batch)   # <eval_step>
                                                      # <on_eval_step_end>
+        metrics = {name/loss}
+        if implemented: metrics |= compute_metrics(run, name, predictions, labels)
+                                                     # <compute_metrics>
                                                      # <on_eval_end>
         run.log(metrics)
 
@@ -147,9 +151,9 @@ def on_after_backward(run: Run) -> None:
 
 
 @hookspec
-def on_micro_step_end(run: Run, loss: torch.Tensor) -> None:
-    """A micro-batch is done; ``loss`` is its detached loss on the device (do not call
-    ``.item()`` here unless you accept a host-device synchronisation per micro-batch).
+def on_micro_step_end(run: Run, loss: torch.Tensor | LossSum) -> None:
+    """A micro-batch is done; ``loss`` is what ``training_step`` returned, on the device (do
+    not call ``.item()`` here unless you accept a host-device synchronisation per micro-batch).
     (HF: ``on_substep_end``, which fires only on non-final micro-batches.)
     """
 
@@ -158,7 +162,9 @@ def on_micro_step_end(run: Run, loss: torch.Tensor) -> None:
 def on_before_optimizer_step(run: Run, optimizer: torch.optim.Optimizer) -> None:
     """Gradients are final: unscaled, divided by the accumulation window, synchronised.
 
-    The place for clipping and for reading gradient norms. (HF: ``on_pre_optimizer_step``.)
+    The place for clipping and for reading gradient norms. ``run.skip_step(reason)`` called
+    here drops the step: no optimizer step, no scheduler step, gradients zeroed, counted in
+    ``run.state.skipped_steps``. (HF: ``on_pre_optimizer_step``.)
     """
 
 
@@ -198,7 +204,10 @@ def on_exception(run: Run, exception: BaseException) -> None:
 def on_log(run: Run, metrics: Mapping[str, float]) -> None:
     """Metrics to record, as plain floats, with ``"step"`` and ``"epoch"`` included.
 
-    Fires on every rank; loggers write on the main process only. (HF: ``on_log``.)
+    Fires on every rank; loggers write on the main process only. An implementation declared
+    ``@treadle.hookimpl(wrapper=True)`` runs before every plain one and may add keys to
+    ``metrics`` before it yields, so that every logger receives them in the same record (how
+    the throughput, memory and lr-monitor plugins extend the training log). (HF: ``on_log``.)
     """
 
 
@@ -236,8 +245,8 @@ def on_predict_step_end(run: Run, batch: Any, outputs: Any) -> None:
 
 @hookspec
 def on_predict_end(run: Run, predictions: list[Any]) -> None:
-    """``predict()`` is done; ``predictions`` holds every batch's outputs, in order.
-    (HF: ``on_predict``.)
+    """``predict()`` is done; ``predictions`` holds every batch's outputs, in order (in a
+    distributed run: every rank's, gathered as ``predict()`` returns them). (HF: ``on_predict``.)
     """
 
 
@@ -321,8 +330,26 @@ def training_step(run: Run, model: torch.nn.Module, batch: Any) -> torch.Tensor 
 @hookspec(firstresult=True)
 def eval_step(run: Run, model: torch.nn.Module, batch: Any) -> Mapping[str, Any] | None:
     """One evaluation batch under ``torch.no_grad()``; return a mapping with at least
-    ``"loss"`` (a scalar tensor) and, if known, ``"count"`` (the number of items it averages).
-    (HF: ``prediction_step``.)
+    ``"loss"`` (a scalar tensor) and, if known, ``"count"`` (the number of items it averages),
+    ``"predictions"`` and ``"labels"`` (one row per sample, for ``compute_metrics`` and
+    metric plugins). (HF: ``prediction_step``.)
+    """
+
+
+@hookspec(firstresult=True)
+def compute_metrics(
+    run: Run, name: str, predictions: Any, labels: Any
+) -> Mapping[str, float] | None:
+    """Metrics of a whole evaluation pass over ``name``, from all its predictions and labels.
+
+    Called once per pass, before ``on_eval_end``, and only when implemented: the kernel keeps
+    ``eval_step``'s ``"predictions"`` and ``"labels"`` (the default ``eval_step`` takes the
+    model's ``logits``/``predictions`` and the batch's ``labels``/``target``/``y`` or second
+    item) only then. Both arrive concatenated along the first dimension, in the data set's
+    order; in a distributed run they are gathered from every rank (on the CPU), with the
+    sampler's padding removed, so each sample counts exactly once. Return plain numbers; keys
+    are prefixed ``"{name}/"`` unless they already are. There is no default implementation.
+    (HF: ``compute_metrics``.)
     """
 
 

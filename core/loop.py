@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
@@ -20,12 +23,15 @@ from treadle.errors import ConfigError
 from treadle.state import LossSum, State
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from treadle.run import Run
 
-__all__ = ["evaluate", "fit", "predict"]
+__all__ = ["Preempted", "evaluate", "fit", "predict"]
 
 # Requests from plugins, kept as bits so that ranks can agree on them with one reduction.
-STOP, SAVE, EVAL, LOG = 1, 2, 4, 8
+# PREEMPT: a rank received SIGTERM/SIGINT; every rank then saves, stops and exits alike.
+STOP, SAVE, EVAL, LOG, PREEMPT = 1, 2, 4, 8, 16
 
 
 def fit(run: Run) -> State:
@@ -33,6 +39,8 @@ def fit(run: Run) -> State:
     run.setup()
     loader = run.provide("make_train_loader", run=run, data=run.train_data)
     batches_per_epoch = _length(loader)
+    # known before resuming: the checkpoint's data position is checked against them
+    run._train_loader, run._batches_per_epoch = loader, batches_per_epoch
     max_epochs, run.total_steps = _plan(run, batches_per_epoch)
     run.setup_optimizer()
     if config.resume is not None and not run._resumed:
@@ -65,7 +73,12 @@ def fit(run: Run) -> State:
             evaluate(run)
     # the end: a last log, eval and save unless the final step just had them
     meter.log()
-    if config.eval_at_end and run.eval_data is not None and run._last_eval_step != state.step:
+    if (
+        config.eval_at_end
+        and not run._preempted  # the grace period before SIGKILL is for saving, not evaluating
+        and run.eval_data is not None
+        and run._last_eval_step != state.step
+    ):
         evaluate(run)
     if (
         config.save_at_end
@@ -102,7 +115,10 @@ def _train_step(
     assert total is not None
     strategy.finalize_gradients(optimizer, count)
     run.emit("on_before_optimizer_step", run=run, optimizer=optimizer)
-    stepped = strategy.optimizer_step(optimizer)
+    if run._skip_reason is None:
+        stepped = strategy.optimizer_step(optimizer)
+    else:  # a plugin dropped this step with run.skip_step()
+        stepped, run._skip_reason = False, None
     run.emit("on_after_optimizer_step", run=run, optimizer=optimizer)
     if not stepped:
         state.skipped_steps += 1
@@ -128,17 +144,24 @@ def _loss_parts(loss: torch.Tensor | LossSum, normalization: str) -> tuple[torch
 def _step_boundary(run: Run, meter: _Meter) -> None:
     """After a step: act on the cadence and on plugins' requests, in HF's order log → eval → save."""
     config, state = run.config, run.state
-    requests = run.strategy.agree(run._requests)
+    requests = run.strategy.agree(run._requests | run._preempt_requests)
     run._requests = 0
+    if requests & PREEMPT:
+        requests |= SAVE | STOP
+        run._preempted = True
+        run._stop_reason = run._preempt_reason or "preempted (a signal reached another rank)"
     if config.max_steps is not None and state.step >= config.max_steps:
         requests |= STOP
         run._stop_reason = run._stop_reason or "max_steps"
-    if requests & LOG or (config.log_every and state.step % config.log_every == 0):
+    log_due = bool(requests & LOG) or bool(config.log_every and state.step % config.log_every == 0)
+    eval_due = bool(requests & EVAL) or bool(config.eval_every and state.step % config.eval_every == 0)
+    if log_due:
         meter.log()
-    if (requests & EVAL or (config.eval_every and state.step % config.eval_every == 0)) and (
-        run.eval_data is not None
-    ):
+    if eval_due and run.eval_data is not None:
         evaluate(run)
+    if log_due or eval_due:  # a plugin may have asked for a save or a stop in on_log/on_eval_end
+        requests |= run.strategy.agree(run._requests)
+        run._requests = 0
     if (requests & SAVE or (config.save_every and state.step % config.save_every == 0)) and (
         run.checkpoint_format is not None
     ):
@@ -180,11 +203,16 @@ def _epoch_batches(run: Run, loader: Iterable[Any]) -> Iterator[Any]:
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(state.epoch)
     done = state.batch_in_epoch
-    batch_size = getattr(loader, "batch_size", None)
-    if done and isinstance(sampler, ResumableSampler) and batch_size:
-        sampler.skip(done * batch_size)  # jump: the skipped samples are never read
+    if not done:
         return iter(loader)
-    return islice(iter(loader), done, None)
+    batch_size = getattr(loader, "batch_size", None)
+    # A DataLoader draws a seed from torch's generator whenever it is iterated; the run this
+    # one continues did that at the epoch's start, before its checkpoint's RNG state was taken.
+    with checkpoint.rng_preserved(run.device):
+        if isinstance(sampler, ResumableSampler) and batch_size:
+            sampler.skip(done * batch_size)  # jump: the skipped samples are never read
+            return iter(loader)
+        return islice(iter(loader), done, None)
 
 
 def _windows(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -228,14 +256,86 @@ class _Meter:
         elapsed = time.perf_counter() - self.start
         run.fold_tokens()
         assert run.optimizer is not None
+        # the mean over ranks: one reduction per log, none per step (identity in one process)
+        loss = run.strategy.all_reduce(self.loss / self.steps, "mean")
         metrics = {
-            "loss": float((self.loss / self.steps).item()),
+            "loss": float(loss.item()),
             "lr": float(run.optimizer.param_groups[0]["lr"]),
             "step_time_s": elapsed / self.steps,
             "samples_per_s": (state.samples_seen - self.samples) / max(elapsed, 1e-9),
         }
         self._reset()
         run.log(metrics)
+
+
+# ------------------------------------------------------------------ preemption
+
+
+class Preempted(SystemExit):
+    """Raised by ``Run.fit`` after SIGTERM or SIGINT: the step finished and a checkpoint was saved.
+
+    A ``SystemExit``: uncaught, it ends the process without a traceback, with exit code
+    128 + the signal's number (143 for SIGTERM, 130 for SIGINT), on every rank (a rank that
+    learned of the signal from another one exits with 143).
+
+    Attributes:
+        signal: the signal received.
+        checkpoint: the checkpoint saved before stopping (None with ``checkpoint=None``).
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        super().__init__(128 + int(signum))
+        self.signal = signal.Signals(signum)
+        self.checkpoint = checkpoint
+
+
+@contextlib.contextmanager
+def preemption(run: Run) -> Iterator[None]:
+    """While ``fit`` runs: on SIGTERM or SIGINT, finish the step, save and stop on every rank.
+
+    The handlers are installed only in the main thread and the previous ones are restored
+    afterwards. A second signal is handled as it would have been without treadle (SIGINT
+    raises ``KeyboardInterrupt``, SIGTERM ends the process).
+    """
+    run._preempt_requests, run._preempted, run._signal = 0, False, None
+    run._preempt_reason = None
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def handle(signum: int, frame: Any) -> None:
+        if run._signal is not None:  # the second one: the user insists
+            handler = previous.get(signum, signal.SIG_DFL)
+            _restore(previous)
+            if callable(handler):
+                handler(signum, frame)
+            elif handler != signal.SIG_IGN:
+                signal.raise_signal(signum)
+            return
+        run._signal = signum
+        name = signal.Signals(signum).name
+        run._preempt_reason = f"preempted ({name})"
+        run._preempt_requests = PREEMPT
+        if run.is_main_process:
+            # os.write, not print: a handler may interrupt a print to the same stream
+            os.write(2, f"treadle: {name} received; finishing this step, saving and stopping "
+                        f"(send {name} again to stop at once)\n".encode())  # fmt: skip
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[signum] = signal.signal(signum, handle)
+        except (ValueError, OSError):  # not settable here (an embedding interpreter)
+            continue
+    try:
+        yield
+    finally:
+        _restore(previous)
+
+
+def _restore(previous: Mapping[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def evaluate(run: Run, data: Any = None) -> dict[str, float]:
@@ -249,7 +349,9 @@ def evaluate(run: Run, data: Any = None) -> dict[str, float]:
     model.eval()
     run._refresh_listeners()
     metrics: dict[str, float] = {}
-    with torch.no_grad():
+    # Evaluation leaves the training run's random streams untouched, so that evaluating more
+    # or less often (or once more before a final checkpoint) does not change training.
+    with torch.no_grad(), checkpoint.rng_preserved(run.device):
         for name, dataset in named.items():
             metrics.update(_evaluate_one(run, model, name, dataset))
     model.train(was_training)

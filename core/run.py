@@ -5,7 +5,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import random
+import signal
 import types
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from torch import nn
 from treadle import defaults, hookspecs, loop, registry
 from treadle.components import CheckpointFormat, Logger, Precision, Strategy
 from treadle.config import Config
-from treadle.errors import ConfigError, PluginError, TreadleError
+from treadle.errors import ConfigError, PluginError, TreadleError, TreadleWarning
 from treadle.loop import EVAL, LOG, SAVE, STOP
 from treadle.state import LossSum, State
 
@@ -120,6 +122,7 @@ class Run:
         self._wrapped: nn.Module | None = None
         self._requests = 0
         self._stop_reason: str | None = None
+        self._skip_reason: str | None = None
         self._eval_lengths: dict[str, int | None] = {}
         self._resumed = False
         self._stopping = False
@@ -127,13 +130,20 @@ class Run:
         self._tokens_pending: torch.Tensor | int = 0
         self._last_eval_step: int | None = None
         self._last_save_step: int | None = None
+        # checkpoints and preemption (treadle.checkpoint, treadle.loop.preemption)
+        self._monitor_step: int | None = None
+        self._train_loader: Any = None
+        self._preempt_requests = 0
+        self._preempted = False
+        self._preempt_reason: str | None = None
+        self._signal: int | None = None
 
         self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT)
         self.plugin_manager.add_hookspecs(hookspecs)
         self._register(defaults, defaults.PLUGIN_NAME)
         for component in (self.strategy, self.precision, *self.loggers, self.checkpoint_format):
             if component is not None:
-                self._register(component, f"{type(component).__name__}")
+                self._register(component, getattr(component, "name", type(component).__name__))
         for spec in defaults.sequence_of(plugins):
             plugin, name = _plugin(spec)
             self._register(plugin, name)
@@ -183,6 +193,15 @@ class Run:
         self._requests |= STOP
         self._stop_reason = reason
 
+    def skip_step(self, reason: str) -> None:
+        """Drop the current optimizer step; call it from ``on_before_optimizer_step``.
+
+        The optimizer does not step, the scheduler does not advance, gradients are zeroed,
+        ``state.skipped_steps`` counts it and ``state.step`` still advances (as for a step the
+        precision backend skips). ``on_after_optimizer_step`` still fires.
+        """
+        self._skip_reason = reason
+
     def request_save(self) -> None:
         """Save a checkpoint at the next step boundary."""
         self._requests |= SAVE
@@ -201,6 +220,7 @@ class Run:
         self.state.last_metrics.update(record)
         monitor = self.config.monitor
         if monitor is not None and monitor in record:
+            self._monitor_step = self.state.step  # a checkpoint of this step is ranked by it
             value = float(record[monitor])
             best = self.state.best_metric
             if best is None or (
@@ -227,7 +247,17 @@ class Run:
         """Train until ``max_steps`` / ``max_epochs`` (totals over the run's life) or a stop.
 
         ``train_data`` replaces the run's training data; ``config_changes`` replace config
-        fields. Model, optimizer, scheduler and state are kept between calls.
+        fields. Model, optimizer, scheduler and state are kept between calls. With
+        ``Config.resume``, the first ``fit`` first loads the checkpoint it names.
+
+        Preemption: while ``fit`` runs in the main thread, SIGTERM or SIGINT makes every rank
+        finish the current step, save a checkpoint and stop; ``fit`` then raises
+        ``treadle.loop.Preempted``, a ``SystemExit`` whose exit code is 128 + the signal's
+        number (143 for SIGTERM, 130 for SIGINT). A second signal acts at once, as it would
+        without treadle. See ``docs/checkpoints.md``.
+
+        Raises:
+            treadle.loop.Preempted: a signal stopped the run (after saving).
         """
         if train_data is not None:
             self.train_data = train_data
@@ -235,7 +265,17 @@ class Run:
             self.config = self.config.replace(**config_changes)
         if self.train_data is None:
             raise ConfigError("no training data: pass train_data to treadle.Run or to fit()")
-        return self._guarded(loop.fit, self)
+        with loop.preemption(self):
+            state: State = self._guarded(loop.fit, self)
+        if self._signal is not None or self._preempted:
+            if self.checkpoint_format is None:
+                warnings.warn(
+                    "the run was preempted, but checkpoint=None, so nothing was saved",
+                    TreadleWarning,
+                    stacklevel=2,
+                )
+            raise loop.Preempted(self._signal or signal.SIGTERM, self.last_checkpoint)
+        return state
 
     def evaluate(self, data: Any = None) -> dict[str, float]:
         """Evaluate on ``data`` (or the run's eval data); returns and logs the metrics."""
@@ -252,7 +292,11 @@ class Run:
         return self._guarded(checkpoint.save, self)
 
     def close(self) -> None:
-        """Release the strategy's processes and engines."""
+        """Release the strategy's processes and engines; the run cannot train afterwards."""
+        # A wrapper (DDP, an engine) must be freed before the strategy destroys the process
+        # group it uses, or its destructor may abort the process at exit.
+        if self._wrapped is not self.model:
+            self._wrapped = None
         self.strategy.teardown()
 
     def __enter__(self) -> Run:
@@ -269,11 +313,11 @@ class Run:
         if caller is not None:
             caller(**kwargs)
 
-    def provide(self, hook: str, **kwargs: Any) -> Any:
+    def provide(self, hook: str, *, optional: bool = False, **kwargs: Any) -> Any:
         """Ask a provider hook; the kernel's own default is called directly when it is alone."""
         caller = self._listeners[hook]
         result = caller(**kwargs)
-        if result is None:
+        if result is None and not optional:
             raise TreadleError(f"no implementation of {hook!r} returned a value")
         return result
 
@@ -359,6 +403,8 @@ class Run:
         if self._wrapped is not None:
             return
         self.strategy.setup(self)
+        if self.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(self.config.seed)
         if self.config.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -369,7 +415,7 @@ class Run:
             return
         optimizer = self.provide("make_optimizer", run=self, model=self.wrapped_model)
         self.optimizer = self.strategy.wrap_optimizer(optimizer)
-        self.scheduler = self.plugin_manager.hook.make_scheduler(run=self, optimizer=self.optimizer)
+        self.scheduler = self.provide("make_scheduler", optional=True, run=self, optimizer=self.optimizer)
         if self.scheduler is not None and _has_hookimpls(self.scheduler):
             self._register(self.scheduler, f"scheduler:{type(self.scheduler).__name__}")
             self._refresh_listeners()

@@ -17,10 +17,9 @@ import treadle
 from treadle.errors import ConfigError, TreadleWarning
 from treadle.plugins.callbacks.early_stopping import EarlyStopping
 
-# A stop requested during a step boundary's evaluation is acted on at the *next* boundary: the
-# loop reads plugins' requests before it logs and evaluates, so the fit ends one step after the
-# evaluation that asked. (Set to 0 if the loop starts re-reading requests after evaluating.)
-STOP_LAG = 1
+# A stop requested during a step boundary's evaluation is acted on at that same boundary (the
+# loop re-reads plugins' requests after logging and evaluating), as the HF Trainer does.
+STOP_LAG = 0
 
 
 class FakeRun(SimpleNamespace):

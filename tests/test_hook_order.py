@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-import toy
 import torch
+import toy
 
 import treadle
 from treadle import hookspecs

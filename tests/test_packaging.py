@@ -4,6 +4,7 @@ entry points and ``py.typed``. (``nox -s wheel`` also installs it in a fresh ven
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -26,9 +27,17 @@ def test_every_plugin_package_is_listed_for_the_build() -> None:
 
 @pytest.mark.slow
 def test_wheel_contents(tmp_path: Path) -> None:
+    # build from a copy: setuptools writes treadle.egg-info next to the sources, and one in the
+    # checkout would shadow the installed metadata (and its entry points) for `python -m`
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ["pyproject.toml", "README.md"]:
+        shutil.copy(ROOT / name, source / name)
+    for name in ["core", "plugins"]:
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+         "-w", str(tmp_path), str(source)],
         check=True, capture_output=True, timeout=300,
     )
     wheel = next(tmp_path.glob("treadle-*.whl"))

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import toy
 import torch
+import toy
 from safetensors.torch import load_file
 
 import treadle
