@@ -58,7 +58,7 @@ _TEMP_DIR = re.compile(r"^\.step-(\d+)\.(tmp|old|del)$")
 
 def checkpoints_dir(run: Run) -> Path:
     """``OUTPUT/checkpoints``: where the run's checkpoint directories live."""
-    return run.output_dir / "checkpoints"
+    return Path(run.output_dir) / "checkpoints"
 
 
 # ------------------------------------------------------------------ save
@@ -357,6 +357,7 @@ def load(run: Run, path: Path) -> None:
     run.precision.load_state_dict(_load_state(fmt, path, "precision"))
     for key, value in meta["state"].items():
         setattr(run.state, key, value)
+    run.state.stop_reason = None  # why the saving process stopped; this one has not
     rng = path / f"rng-rank{strategy.rank:05d}.json"
     if not rng.exists():
         warnings.warn(
@@ -586,7 +587,7 @@ def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
     python_state = random.getstate()
-    numpy_state = np.random.get_state()
+    numpy_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     state: dict[str, Any] = {
         "python": [python_state[0], list(python_state[1]), python_state[2]],
         "numpy": [numpy_state[0], numpy_state[1].tolist(), *map(_plain, numpy_state[2:])],

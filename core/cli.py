@@ -1,4 +1,5 @@
-"""The ``treadle`` command: ``run RUN.toml``, ``plugins``, ``export CKPT OUT``, ``demo``."""
+"""The ``treadle`` command: ``run RUN.toml``, ``launch``, ``plugins``, ``export CKPT OUT``, ``plot RUN_DIR``,
+``demo``."""
 
 from __future__ import annotations
 
@@ -151,13 +152,68 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from treadle.plugins import plot
+
+    print(plot.plot_run(args.run_dir, args.out))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from treadle.plugins import demo
 
     return demo.main(args.demo_args)
 
 
+def launch_argv(argv: Sequence[str]) -> list[str]:
+    """torchrun's argv for ``treadle launch [torchrun options] RUN.toml [run options]``.
+
+    The torchrun options (``--nproc-per-node``, ``--nnodes``, ``--rdzv-*``, ...) pass through
+    unchanged and the script becomes ``-m treadle run RUN.toml [run options]``.
+    """
+    from torch.distributed import run as torchrun
+
+    parser = torchrun.get_args_parser()
+    parser.prog = "treadle launch"
+    parser.usage = "treadle launch [torchrun options] RUN.toml [treadle run options]"
+    parser.epilog = (
+        "RUN.toml stands where torchrun expects the training script; what follows it goes "
+        "to `treadle run` (e.g. --set max_steps=100)."
+    )
+    args = parser.parse_args(list(argv))
+    if args.module or args.no_python:
+        raise ConfigError(
+            "treadle launch starts `python -m treadle run RUN.toml`; torchrun's -m/--module and "
+            "--no-python do not apply (use torchrun directly for another program)"
+        )
+    tail = [args.training_script, *args.training_script_args]
+    flags = list(argv)[: len(argv) - len(tail)]
+    return [*flags, "-m", "treadle", "run", *tail]
+
+
+def _cmd_launch(argv: Sequence[str]) -> int:
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.main(launch_argv(argv))
+    except ChildFailedError as exc:
+        codes = [failure.exitcode for failure in exc.failures.values()]
+        print(f"treadle: error: {exc.get_first_failure()[1].message or exc}", file=sys.stderr)
+        return next((code for code in codes if code > 0), 1)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["launch"]:
+        # torchrun's own parser reads these (its options come before RUN.toml), not argparse's
+        # subcommand machinery, which cannot take unknown options ahead of a positional.
+        try:
+            return _cmd_launch(arguments[1:])
+        except TreadleError as exc:
+            print(f"treadle: error: {exc}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(
         prog="treadle", description="A microkernel for training PyTorch models."
     )
@@ -183,10 +239,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--format", default="safetensors", help="checkpoint format to write (default: safetensors)"
     )
     export_parser.set_defaults(handler=_cmd_export)
+    commands.add_parser(
+        "launch",
+        add_help=False,
+        help="train RUN.toml on several processes through torchrun: "
+        "treadle launch --nproc-per-node N [torchrun options] RUN.toml",
+    )
+    plot_parser = commands.add_parser(
+        "plot", help="draw a run's loss, learning rate, eval metrics and throughput as a PNG"
+    )
+    plot_parser.add_argument("run_dir", help="a run's output directory, or its metrics.jsonl")
+    plot_parser.add_argument(
+        "-o", "--out", default=None, help="the PNG to write (default: RUN_DIR/metrics.png)"
+    )
+    plot_parser.set_defaults(handler=_cmd_plot)
     demo_parser = commands.add_parser("demo", help="train a small transformer on a generated task")
     demo_parser.add_argument("demo_args", nargs=argparse.REMAINDER)
     demo_parser.set_defaults(handler=_cmd_demo)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     try:
         return int(args.handler(args))
     except TreadleError as exc:

@@ -129,6 +129,14 @@ class Strategy:
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
+    def attach_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """After ``wrap_optimizer``: the model the loop calls from now on.
+
+        An engine that takes model and optimizer together (DeepSpeed's ``initialize``) is
+        built here and returned; the base returns ``model`` (what ``wrap_model`` returned).
+        """
+        return model
+
     # -- data
     def train_sampler(
         self, dataset_length: int, *, shuffle: bool, seed: int, drop_last: bool
@@ -201,6 +209,13 @@ class Strategy:
 
     def barrier(self) -> None:
         pass
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished the work queued so far (before reading a clock).
+
+        The loop calls it once per log, never per step. The base does nothing: reading the
+        loss already waits for it on eager devices; a lazy one (XLA) overrides this.
+        """
 
     def agree(self, requests: int) -> int:
         """Bitwise OR of every rank's pending requests, so all ranks act alike."""
@@ -327,7 +342,8 @@ class Logger:
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor in a (nested) batch to ``device``, without blocking."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        # ``to`` returns the tensor itself when it is already there, at ten times the cost
+        return batch if batch.device == device else batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return {k: move_to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):

@@ -136,11 +136,15 @@ def batch_rows(batch: Any) -> int:
     """The number of examples in a batch: the first dimension of its first tensor."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
-    values: Iterable[Any] = batch.values() if isinstance(batch, Mapping) else batch
-    if isinstance(values, Iterable) and not isinstance(batch, str | bytes):
-        for value in values:
-            if isinstance(value, torch.Tensor) and value.dim():
-                return int(value.shape[0])
+    if isinstance(batch, Mapping):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, Iterable) and not isinstance(batch, str | bytes):
+        values = batch
+    else:
+        return 1
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim():
+            return int(value.shape[0])
     return 1
 
 
@@ -212,7 +216,9 @@ def _has_standard_sampler(loader: DataLoader[Any]) -> bool:
     return (
         loader.batch_size is not None
         and isinstance(loader.sampler, RandomSampler | SequentialSampler)
-        and _is_map_dataset(loader.dataset)
+        # a DataLoader over any sized, indexable collection (a list too) has a map-style dataset
+        and hasattr(loader.dataset, "__len__")
+        and hasattr(loader.dataset, "__getitem__")
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import random
 import signal
 import types
@@ -223,11 +224,13 @@ class Run:
             self._monitor_step = self.state.step  # a checkpoint of this step is ranked by it
             value = float(record[monitor])
             best = self.state.best_metric
-            if best is None or (
+            better = best is None or (
                 value < best if self.config.monitor_mode == "min" else value > best
-            ):
+            )
+            if better and math.isfinite(value):  # a diverged run's nan/inf is never the best
                 self.state.best_metric, self.state.best_step = value, self.state.step
         self.emit("on_log", run=self, metrics=record)
+        self.state.last_metrics.update(record)  # with what on_log wrappers added
 
     def fold_tokens(self) -> None:
         """Move the scored-token count kept on the device into ``state.tokens_seen``."""
@@ -415,6 +418,8 @@ class Run:
             return
         optimizer = self.provide("make_optimizer", run=self, model=self.wrapped_model)
         self.optimizer = self.strategy.wrap_optimizer(optimizer)
+        # an engine that wraps model and optimizer together is built now, and called from now on
+        self._wrapped = self.strategy.attach_optimizer(self.wrapped_model, self.optimizer)
         self.scheduler = self.provide("make_scheduler", optional=True, run=self, optimizer=self.optimizer)
         if self.scheduler is not None and _has_hookimpls(self.scheduler):
             self._register(self.scheduler, f"scheduler:{type(self.scheduler).__name__}")

@@ -259,9 +259,18 @@ def _wait(processes: list[subprocess.Popen[bytes]], deadline: float) -> str | No
     """None when every process exited 0; else what went wrong first."""
     while True:
         codes = [p.poll() for p in processes]
-        for rank, code in enumerate(codes):
-            if code not in (None, 0):
-                return f"rank {rank} exited with {_describe_exit(code)}"
+        if any(code not in (None, 0) for code in codes):
+            # The others usually fail a moment later in a collective: let them say so too.
+            grace = time.monotonic() + 2.0
+            while time.monotonic() < grace and any(p.poll() is None for p in processes):
+                time.sleep(0.05)
+            codes = [p.poll() for p in processes]
+            failed = [
+                f"rank {rank} exited with {_describe_exit(code)}"
+                for rank, code in enumerate(codes)
+                if code not in (None, 0)
+            ]
+            return "; ".join(failed)
         if all(code == 0 for code in codes):
             return None
         if time.monotonic() > deadline:

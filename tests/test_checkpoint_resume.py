@@ -77,6 +77,26 @@ def test_checkpoint_layout_and_manifest(tmp_path: Path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["latest", "step-000003"]
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_is_bit_exact_on_cuda_with_its_generator(tmp_path: Path) -> None:
+    from treadle.plugins.strategies.single import SingleDevice
+
+    def cuda() -> SingleDevice:
+        return SingleDevice(f"cuda:{torch.cuda.current_device()}")
+
+    reference = make_run(tmp_path / "full", strategy=cuda())
+    reference[0].fit()
+    assert next(reference[0].model.parameters()).is_cuda
+    first = make_run(tmp_path / "stopped", stop_at=7, strategy=cuda())
+    first[0].fit()
+    rng = tmp_path / "stopped" / "checkpoints" / "step-000007" / "rng-rank00000.json"
+    assert "device" in json.loads(rng.read_text())  # dropout on the GPU draws from it
+    second = make_run(tmp_path / "stopped", resume="auto", strategy=cuda())
+    second[0].fit()
+    assert_same_training(reference, [first, second])
+
+
 def _fp16_mixed() -> Any:
     from treadle.plugins import precision
 
@@ -185,7 +205,8 @@ def test_plugin_state_round_trips_with_tensors(tmp_path: Path) -> None:
     make_run(tmp_path, resume="auto", plugins=(loader,), max_steps=4)[0].fit()
     assert loader.loaded is not None and loader.loaded["steps"] == 4
     assert loader.loaded["note"] == ("a", 1)
-    assert saver.ema is not None and torch.equal(loader.loaded["ema"], saver.ema)
+    # tensors come back on CPU, whatever device they were saved from
+    assert saver.ema is not None and torch.equal(loader.loaded["ema"], saver.ema.cpu())
     assert (tmp_path / "checkpoints" / "step-000004" / "plugins.safetensors").is_file()
 
 
@@ -275,7 +296,7 @@ def test_resume_from_a_path_and_from_nothing(tmp_path: Path) -> None:
 def test_load_weights_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, _ = make_run(tmp_path / "run", max_steps=3)
     run.fit()
-    trained = run.model.state_dict()
+    trained = {k: v.cpu() for k, v in run.model.state_dict().items()}
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(1)
@@ -318,3 +339,17 @@ def test_load_weights_reports_a_mismatched_model(tmp_path: Path) -> None:
     bigger.extra = torch.nn.Linear(2, 2)
     result = treadle.load_weights(bigger, tmp_path, strict=False)
     assert sorted(result.missing_keys) == ["extra.bias", "extra.weight"]
+
+
+def test_the_example_in_docs_checkpoints_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (Path(__file__).parents[1] / "docs" / "checkpoints.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the second run resumes from the end and has nothing left to do
+        exec(compile(example, "docs/checkpoints.md", "exec"), {"__name__": "example"})
+    root = tmp_path / "runs" / "ckpt-demo" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000030", "step-000040"]
+    assert cli_main(["export", "runs/ckpt-demo", "runs/ckpt-demo-weights"]) == 0
+    assert (tmp_path / "runs" / "ckpt-demo-weights" / "model.safetensors").is_file()

@@ -199,3 +199,19 @@ def test_public_surface_is_small_and_typed() -> None:
 
     assert resources.files("treadle").joinpath("py.typed").is_file()
     assert "treadle.plugins.precision" in sys.modules  # imported by this test module, not by treadle
+
+
+def test_standard_dataloaders_are_resampled_even_over_plain_lists(tmp_path: Path) -> None:
+    from treadle import defaults
+    from treadle.data import ResumableSampler
+
+    rows = [{"x": torch.randn(4), "y": torch.randn(())} for _ in range(10)]
+    run = treadle.Run(toy.model(), rows, config=config(tmp_path, seed=3), loggers=[], checkpoint=None)
+    for shuffle in (True, False):
+        given = torch.utils.data.DataLoader(rows, batch_size=4, shuffle=shuffle)
+        loader = defaults.make_train_loader(run, given)
+        assert isinstance(loader.sampler, ResumableSampler)
+        assert loader.sampler.shuffle is shuffle and loader.sampler.seed == 3
+        assert [len(b["x"]) for b in loader] == [4, 4, 2]
+    custom = torch.utils.data.DataLoader(rows, batch_sampler=[[0, 1], [2, 3]])
+    assert defaults.make_train_loader(run, custom) is custom  # a custom sampler is kept

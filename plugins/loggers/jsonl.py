@@ -40,7 +40,7 @@ from treadle.hookspecs import hookimpl
 if TYPE_CHECKING:
     from treadle.run import Run
 
-__all__ = ["JsonlLogger", "to_json_value"]
+__all__ = ["JsonlLogger", "flatten", "to_json_value"]
 
 
 def to_json_value(value: Any) -> Any:
@@ -64,6 +64,21 @@ def to_json_value(value: Any) -> Any:
         except (TypeError, ValueError, RuntimeError):  # not a one-element value
             pass
     return str(value)
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """Nested mappings as one level (``{"optimizer": {"lr": 0.1}}`` → ``{"optimizer/lr": 0.1}``),
+    every value made JSON-compatible by :func:`to_json_value`; for loggers that take flat
+    hyperparameters (TensorBoard, MLflow).
+    """
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}{sep}", sep))
+        else:
+            flat[name] = to_json_value(value)
+    return flat
 
 
 def _dumps(obj: Any, **kwargs: Any) -> str:

@@ -161,7 +161,9 @@ def build_bert(batch_size: int, seq_len: int) -> tuple[nn.Module, list[Batch]]:
     generator = _generator(1)
     batches = []
     for _ in range(8):
-        ids = torch.randint(MASK_ID + 1, config.vocab_size, (batch_size, seq_len), generator=generator)
+        ids = torch.randint(
+            MASK_ID + 1, config.vocab_size, (batch_size, seq_len), generator=generator
+        )
         masked = torch.rand(batch_size, seq_len, generator=generator) < 0.15
         labels = torch.where(masked, ids, torch.full_like(ids, -100))
         batches.append({"input_ids": torch.where(masked, MASK_ID, ids), "labels": labels})

@@ -1,0 +1,277 @@
+"""The ``deepspeed`` strategy and checkpoint format, on CPU with gloo and two processes.
+
+The first multi-process test in a fresh environment waits for DeepSpeed to JIT-compile its
+shared-memory communication op (about 20 s on a quiet machine, minutes on a loaded one; then
+cached in ``~/.cache/torch_extensions``). Nothing here compiles ``DeepSpeedCPUAdam``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+
+import ds_workers
+
+import treadle
+from treadle import checkpoint, registry, testing
+from treadle.errors import ConfigError, TreadleError
+from treadle.plugins.checkpoint.deepspeed_format import DeepSpeedFormat
+from treadle.plugins.strategies.deepspeed import DeepSpeedStrategy
+
+#: float32 sums taken in another order (reduction across ranks, partition flattening)
+ATOL, RTOL = 1e-5, 1e-4
+TIMEOUT = 420.0  # a cold start compiles DeepSpeed's comm op first
+
+
+def _reference(tmp_path: Path, **settings: Any) -> dict[str, torch.Tensor]:
+    """One process, twice the per-device batch: the same global batch as two ranks."""
+    settings = {**settings, "batch_size": 2 * settings.get("batch_size", 4)}
+    with ds_workers.make_run("single", output_dir=str(tmp_path / "single"), **settings) as run:
+        run.fit()
+        return ds_workers.weights(run)
+
+
+def _assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    assert actual.keys() == expected.keys()
+    worst = 0.0
+    for name in expected:
+        diff = float((actual[name] - expected[name]).abs().max())
+        worst = max(worst, diff)
+        assert torch.allclose(actual[name], expected[name], atol=ATOL, rtol=RTOL), (name, diff)
+    return worst
+
+
+# ---------------------------------------------------------------------- two processes
+
+
+@pytest.mark.multiprocess
+def test_zero_1_2_3_reach_the_weights_of_one_process(tmp_path: Path) -> None:
+    # 6 steps of 2 micro-batches cross an epoch (8 steps... of 16 rows: 4 steps per epoch)
+    settings = {"max_steps": 6, "grad_accum_steps": 2}
+    expected = _reference(tmp_path, **settings)
+    results = testing.run_distributed(
+        ds_workers.train,
+        [{"stage": 1}, {"stage": 2}, {"stage": 3}],
+        settings,
+        str(tmp_path / "ds"),
+        timeout=TIMEOUT,
+    )
+    for stage, result in zip((1, 2, 3), results[0], strict=True):
+        assert result["world_size"] == 2 and result["step"] == 6, stage
+        _assert_close(result["weights"], expected)
+
+
+@pytest.mark.multiprocess
+def test_short_windows_tokens_mode_and_cpu_offload_match_one_process(tmp_path: Path) -> None:
+    # 8 micro-batches per rank and epoch in windows of 3: the last window of an epoch has 2,
+    # which the engine (dividing by gradient_accumulation_steps) must be corrected for
+    mean = {"max_steps": 4, "grad_accum_steps": 3}
+    tokens = {"max_steps": 3, "grad_accum_steps": 2, "tokens": True}
+    expected_mean = _reference(tmp_path / "mean", **mean)
+    expected_tokens = _reference(tmp_path / "tokens", **tokens)
+    short, offloaded = testing.run_distributed(
+        ds_workers.train,
+        [{"stage": 2}, {"stage": 1, "offload_optimizer": "cpu", "cpu_adam": False}],
+        mean,
+        str(tmp_path / "mean"),
+        timeout=TIMEOUT,
+    )[0]
+    _assert_close(short["weights"], expected_mean)
+    _assert_close(offloaded["weights"], expected_mean)
+    counted = testing.run_distributed(
+        ds_workers.train, [{"stage": 3}], tokens, str(tmp_path / "tokens"), timeout=TIMEOUT
+    )[0][0]
+    _assert_close(counted["weights"], expected_tokens)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("options", [{"stage": 3}, {"stage": 2, "precision": "bf16"}])
+def test_resume_from_a_deepspeed_checkpoint_continues_exactly(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    settings = {"max_steps": 6, "scheduler": {"name": "linear", "warmup_steps": 2}}
+    results = testing.run_distributed(
+        ds_workers.roundtrip, options, settings, str(tmp_path), 3, timeout=TIMEOUT
+    )
+    main = results[0]
+    assert [r["begin"] for r in results] == [3, 3]
+    assert main["resumed"].keys() == main["whole"].keys()
+    for name in main["whole"]:  # on CPU a resumed run continues bit for bit
+        assert torch.equal(main["resumed"][name], main["whole"][name]), name
+    # DeepSpeed's files, every rank's partition, beside the kernel's own
+    files = main["files"]
+    assert "model/latest" in files and "state.json" in files and "scheduler.json" in files
+    assert any(f.startswith("model/global_step3/zero_pp_rank_1") for f in files), files
+    assert json.loads((Path(main["saved"]) / "optimizer.json").read_text())["tensors"] is False
+
+    # consolidated in this process, without a process group: the fp32 weights at step 3
+    saved = Path(main["saved"])
+    assert checkpoint.verify(saved) == []
+    weights = DeepSpeedFormat().load_tensors(saved, "model")
+    model = ds_workers.TinyModel()
+    assert weights.keys() == model.state_dict().keys()
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    DeepSpeedFormat().load_model(saved, model)  # names and shapes agree
+
+
+@pytest.mark.multiprocess
+def test_a_stop_on_one_rank_and_a_save_on_another_hold_for_all(tmp_path: Path) -> None:
+    testing.check_agreed_stop(
+        ds_workers_strategy(stage=2), checkpoint=DeepSpeedFormat, timeout=TIMEOUT
+    )
+
+
+def ds_workers_strategy(**options: Any) -> Any:
+    import functools
+
+    return functools.partial(DeepSpeedStrategy, device="cpu", **options)
+
+
+# ---------------------------------------------------------------------- export, by name
+
+
+@pytest.mark.multiprocess
+def test_export_turns_a_deepspeed_checkpoint_into_safetensors(tmp_path: Path) -> None:
+    if "deepspeed" not in registry.entries("checkpoint"):
+        pytest.skip("the 'deepspeed' checkpoint entry point is not declared in pyproject.toml yet")
+    settings = {"max_steps": 2}
+    result = testing.run_distributed(
+        ds_workers.roundtrip, {"stage": 3}, {**settings, "max_steps": 2}, str(tmp_path), 1,
+        timeout=TIMEOUT,
+    )[0]  # fmt: skip
+    out = checkpoint.export(result["saved"], tmp_path / "export")
+    assert (out / "model.safetensors").is_file()
+    model = ds_workers.TinyModel()
+    treadle.load_weights(model, out)
+    treadle.load_weights(ds_workers.TinyModel(), result["saved"])  # straight from the checkpoint
+
+
+# ---------------------------------------------------------------------- composing, one process
+
+
+def test_a_separate_precision_plugin_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="manages numeric precision itself"):
+        treadle.Run(
+            torch.nn.Linear(2, 1),
+            [torch.ones(2, 2)],
+            strategy=DeepSpeedStrategy(device="cpu"),
+            precision="bf16-mixed",
+            checkpoint=None,
+        )
+
+
+def test_a_whole_file_checkpoint_format_is_refused_when_the_run_saves(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="checkpoint='deepspeed'"):
+        treadle.Run(
+            torch.nn.Linear(2, 1),
+            [torch.ones(2, 2)],
+            strategy=DeepSpeedStrategy(device="cpu"),
+            config=treadle.Config(output_dir=str(tmp_path)),
+        )  # the default checkpoint, safetensors, and save_at_end=True
+
+
+def test_the_deepspeed_format_needs_the_deepspeed_strategy(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs strategy 'deepspeed'"):
+        treadle.Run(torch.nn.Linear(2, 1), [torch.ones(2, 2)], checkpoint=DeepSpeedFormat())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"stage": 4}, "use 0, 1, 2 or 3"),
+        ({"offload_param": "cpu", "stage": 2}, "needs ZeRO stage 3"),
+        ({"offload_optimizer": "disk"}, "use one of cpu, nvme"),
+        ({"offload_optimizer": "nvme"}, "nvme_path"),
+        ({"precision": "int8"}, "fp32, bf16, fp16"),
+        ({"gradient_clipping": -1}, "positive number"),
+        ({"stage": 1, "config": {"zero_optimization": {"stage": 3}}}, "give one of them"),
+        ({"precision": "fp32", "config": {"bf16": {"enabled": True}}}, "give one of them"),
+        ({"config": "/nonexistent/ds.json"}, "cannot read"),
+    ],
+)
+def test_options_are_checked_when_composed(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        DeepSpeedStrategy(device="cpu", **options)
+
+
+class _Run:
+    """What ``deepspeed_config`` reads of a run."""
+
+    def __init__(self, **config: Any) -> None:
+        self.config = treadle.Config(**config)
+        self.train_data = torch.utils.data.DataLoader(list(range(8)), batch_size=4)
+
+
+def test_the_deepspeed_config_merges_file_options_and_the_run(tmp_path: Path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "zero_optimization": {"stage": 3, "overlap_comm": False},
+                "bf16": {"enabled": True},
+                "communication_data_type": "fp32",
+            }
+        )
+    )
+    strategy = DeepSpeedStrategy(
+        config=str(path), offload_optimizer="cpu", gradient_clipping=0.5, device="cpu"
+    )
+    config = strategy.deepspeed_config(_Run(grad_accum_steps=3))  # type: ignore[arg-type]
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 3
+    assert config["train_batch_size"] == 12  # one process here
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["overlap_comm"] is False
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    assert config["gradient_clipping"] == 0.5
+    assert config["communication_data_type"] == "fp32"  # passed through unchanged
+    # DeepSpeed clips at 1.0 by default; treadle clips only when asked
+    assert DeepSpeedStrategy(device="cpu").deepspeed_config(_Run())["gradient_clipping"] == 0.0  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"gradient_accumulation_steps": 4}, "Config.grad_accum_steps"),
+        ({"train_micro_batch_size_per_gpu": 2}, "per-device batch size"),
+        ({"optimizer": {"type": "AdamW"}}, "optimizer="),
+        ({"scheduler": {"type": "WarmupLR"}}, "scheduler="),
+    ],
+)
+def test_config_sections_that_are_treadles_are_refused(
+    config: dict[str, Any], message: str
+) -> None:
+    strategy = DeepSpeedStrategy(config=config, device="cpu")
+    with pytest.raises(ConfigError, match=message):
+        strategy.deepspeed_config(_Run(grad_accum_steps=2))  # type: ignore[arg-type]
+
+
+def test_the_grad_clip_plugin_is_pointed_at_the_strategy_option() -> None:
+    with pytest.raises(ConfigError, match="gradient_clipping"):
+        DeepSpeedStrategy(device="cpu").clip_grad_norm([], 1.0)
+
+
+def test_no_engine_before_the_optimizer_is_attached() -> None:
+    with pytest.raises(TreadleError, match="no engine yet"):
+        DeepSpeedStrategy(device="cpu").backward(torch.ones(()))
+
+
+def test_the_strategy_is_found_by_name() -> None:
+    if "deepspeed" not in registry.entries("strategy"):
+        pytest.skip("the 'deepspeed' strategy entry point is not declared in pyproject.toml yet")
+    run = treadle.Run(
+        torch.nn.Linear(2, 1),
+        [torch.ones(2, 2)],
+        strategy={"name": "deepspeed", "stage": 1, "device": "cpu"},
+        checkpoint=None,
+    )
+    assert isinstance(run.strategy, DeepSpeedStrategy) and run.strategy.stage == 1
