@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import signal
 from collections.abc import Iterable
+from pathlib import Path
 
 __all__ = [
     "ConfigError",
     "MissingDependencyError",
     "PluginError",
     "PluginLoadError",
+    "Preempted",
     "TreadleError",
     "TreadleWarning",
     "UnknownNameError",
@@ -77,6 +80,24 @@ class PluginError(TreadleError):
         self.plugin = plugin
         self.hook = hook
         super().__init__(f"plugin {plugin!r}, hook {hook!r}: {message}")
+
+
+class Preempted(SystemExit):
+    """Raised by ``Run.fit`` after SIGTERM or SIGINT: the step finished and a checkpoint was saved.
+
+    A ``SystemExit``: uncaught, it ends the process without a traceback, with exit code
+    128 + the signal's number (143 for SIGTERM, 130 for SIGINT), on every rank (a rank that
+    learned of the signal from another one exits with 143).
+
+    Attributes:
+        signal: the signal received.
+        checkpoint: the checkpoint saved before stopping (None with ``checkpoint=None``).
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        super().__init__(128 + int(signum))
+        self.signal = signal.Signals(signum)
+        self.checkpoint = checkpoint
 
 
 def require(module: str, *, extra: str, what: str) -> object:

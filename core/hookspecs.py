@@ -78,7 +78,8 @@ below, both ways)::
 
 A request made by a plugin (``run.request_stop``, ``request_save``, ``request_eval``,
 ``request_log``) is acted on at the next step boundary, after ``on_step_end``; requests are
-cleared once acted on.
+cleared once acted on. SIGTERM or SIGINT during ``fit`` is a save-and-stop request agreed by
+every rank: after the save, ``fit`` raises ``treadle.Preempted`` (exit code 128 + signal).
 """
 
 from __future__ import annotations

@@ -25,11 +25,10 @@ from treadle.errors import ConfigError, TreadleError, TreadleWarning
 from treadle.state import LossSum, State
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
     from treadle.run import Run
 
-__all__ = ["Preempted", "evaluate", "fit", "predict"]
+__all__ = ["evaluate", "fit", "predict"]
 
 # Requests from plugins, kept as bits so that ranks can agree on them with one reduction.
 # PREEMPT: a rank received SIGTERM/SIGINT; every rank then saves, stops and exits alike.
@@ -278,24 +277,6 @@ class _Meter:
 
 
 # ------------------------------------------------------------------ preemption
-
-
-class Preempted(SystemExit):
-    """Raised by ``Run.fit`` after SIGTERM or SIGINT: the step finished and a checkpoint was saved.
-
-    A ``SystemExit``: uncaught, it ends the process without a traceback, with exit code
-    128 + the signal's number (143 for SIGTERM, 130 for SIGINT), on every rank (a rank that
-    learned of the signal from another one exits with 143).
-
-    Attributes:
-        signal: the signal received.
-        checkpoint: the checkpoint saved before stopping (None with ``checkpoint=None``).
-    """
-
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
-        super().__init__(128 + int(signum))
-        self.signal = signal.Signals(signum)
-        self.checkpoint = checkpoint
 
 
 @contextlib.contextmanager

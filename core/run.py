@@ -21,7 +21,7 @@ from torch import nn
 from treadle import defaults, hookspecs, loop, registry
 from treadle.components import CheckpointFormat, Logger, Precision, Strategy
 from treadle.config import Config
-from treadle.errors import ConfigError, PluginError, TreadleError, TreadleWarning
+from treadle.errors import ConfigError, PluginError, Preempted, TreadleError, TreadleWarning
 from treadle.loop import EVAL, LOG, SAVE, STOP
 from treadle.state import LossSum, State
 
@@ -255,12 +255,12 @@ class Run:
 
         Preemption: while ``fit`` runs in the main thread, SIGTERM or SIGINT makes every rank
         finish the current step, save a checkpoint and stop; ``fit`` then raises
-        ``treadle.loop.Preempted``, a ``SystemExit`` whose exit code is 128 + the signal's
+        ``treadle.Preempted``, a ``SystemExit`` whose exit code is 128 + the signal's
         number (143 for SIGTERM, 130 for SIGINT). A second signal acts at once, as it would
         without treadle. See ``docs/checkpoints.md``.
 
         Raises:
-            treadle.loop.Preempted: a signal stopped the run (after saving).
+            treadle.Preempted: a signal stopped the run (after saving).
         """
         if train_data is not None:
             self.train_data = train_data
@@ -277,7 +277,7 @@ class Run:
                     TreadleWarning,
                     stacklevel=2,
                 )
-            raise loop.Preempted(self._signal or signal.SIGTERM, self.last_checkpoint)
+            raise Preempted(self._signal or signal.SIGTERM, self.last_checkpoint)
         return state
 
     def evaluate(self, data: Any = None) -> dict[str, float]:

@@ -7,12 +7,14 @@ cached in ``~/.cache/torch_extensions``). Nothing here compiles ``DeepSpeedCPUAd
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
 
@@ -92,8 +94,8 @@ def test_short_windows_tokens_mode_and_cpu_offload_match_one_process(tmp_path: P
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("options", [{"stage": 3}, {"stage": 2, "precision": "bf16"}])
-def test_resume_from_a_deepspeed_checkpoint_continues_exactly(
-    tmp_path: Path, options: dict[str, Any]
+def test_resume_from_a_deepspeed_checkpoint_continues_exactly_and_exports(
+    tmp_path: Path, options: dict[str, Any], fake_dist: Any
 ) -> None:
     settings = {"max_steps": 6, "scheduler": {"name": "linear", "warmup_steps": 2}}
     results = testing.run_distributed(
@@ -104,52 +106,38 @@ def test_resume_from_a_deepspeed_checkpoint_continues_exactly(
     assert main["resumed"].keys() == main["whole"].keys()
     for name in main["whole"]:  # on CPU a resumed run continues bit for bit
         assert torch.equal(main["resumed"][name], main["whole"][name]), name
+    assert results[0]["lr"] == results[1]["lr"] == 0.0  # the schedule went on, to its end
+
     # DeepSpeed's files, every rank's partition, beside the kernel's own
+    saved = Path(main["saved"])
     files = main["files"]
     assert "model/latest" in files and "state.json" in files and "scheduler.json" in files
-    assert any(f.startswith("model/global_step3/zero_pp_rank_1") for f in files), files
-    assert json.loads((Path(main["saved"]) / "optimizer.json").read_text())["tensors"] is False
-
-    # consolidated in this process, without a process group: the fp32 weights at step 3
-    saved = Path(main["saved"])
+    assert any("zero_pp_rank_1_" in f for f in files), files
+    assert json.loads((saved / "optimizer.json").read_text())["tensors"] is False
     assert checkpoint.verify(saved) == []
-    weights = DeepSpeedFormat().load_tensors(saved, "model")
-    model = ds_workers.TinyModel()
-    assert weights.keys() == model.state_dict().keys()
-    assert all(w.dtype == torch.float32 for w in weights.values())
-    DeepSpeedFormat().load_model(saved, model)  # names and shapes agree
+
+    # consolidated in this process, without a process group: the fp32 weights at the save
+    consolidated = DeepSpeedFormat().load_tensors(saved, "model")
+    assert consolidated.keys() == main["at_stop"].keys()
+    for name, tensor in consolidated.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, main["at_stop"][name]), name
+
+    if "deepspeed" not in registry.entries("checkpoint"):  # until pyproject.toml declares it
+        fake_dist(
+            "treadle-deepspeed-entry-point",
+            {"treadle.checkpoint": {"deepspeed": f"{DeepSpeedFormat.__module__}:DeepSpeedFormat"}},
+        )
+    out = checkpoint.export(saved, tmp_path / "export")
+    exported = load_file(out / "model.safetensors")
+    assert exported.keys() == consolidated.keys()
+    assert all(torch.equal(exported[k], consolidated[k]) for k in exported)
+    treadle.load_weights(ds_workers.TinyModel(), saved)  # straight from the checkpoint too
 
 
 @pytest.mark.multiprocess
-def test_a_stop_on_one_rank_and_a_save_on_another_hold_for_all(tmp_path: Path) -> None:
-    testing.check_agreed_stop(
-        ds_workers_strategy(stage=2), checkpoint=DeepSpeedFormat, timeout=TIMEOUT
-    )
-
-
-def ds_workers_strategy(**options: Any) -> Any:
-    import functools
-
-    return functools.partial(DeepSpeedStrategy, device="cpu", **options)
-
-
-# ---------------------------------------------------------------------- export, by name
-
-
-@pytest.mark.multiprocess
-def test_export_turns_a_deepspeed_checkpoint_into_safetensors(tmp_path: Path) -> None:
-    if "deepspeed" not in registry.entries("checkpoint"):
-        pytest.skip("the 'deepspeed' checkpoint entry point is not declared in pyproject.toml yet")
-    settings = {"max_steps": 2}
-    result = testing.run_distributed(
-        ds_workers.roundtrip, {"stage": 3}, {**settings, "max_steps": 2}, str(tmp_path), 1,
-        timeout=TIMEOUT,
-    )[0]  # fmt: skip
-    out = checkpoint.export(result["saved"], tmp_path / "export")
-    assert (out / "model.safetensors").is_file()
-    model = ds_workers.TinyModel()
-    treadle.load_weights(model, out)
-    treadle.load_weights(ds_workers.TinyModel(), result["saved"])  # straight from the checkpoint
+def test_a_stop_on_one_rank_and_a_save_on_another_hold_for_all() -> None:
+    strategy = functools.partial(DeepSpeedStrategy, device="cpu", stage=2)
+    testing.check_agreed_stop(strategy, checkpoint=DeepSpeedFormat, timeout=TIMEOUT)
 
 
 # ---------------------------------------------------------------------- composing, one process
@@ -275,3 +263,27 @@ def test_the_strategy_is_found_by_name() -> None:
         checkpoint=None,
     )
     assert isinstance(run.strategy, DeepSpeedStrategy) and run.strategy.stage == 1
+
+
+class _Payload:
+    """Unpickling it would run a command."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.system, ("echo unpickled > /dev/null",))
+
+
+def test_a_checkpoint_file_with_code_in_it_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    (folder / "global_step1").mkdir(parents=True)
+    (folder / "latest").write_text("global_step1")
+    torch.save(
+        {"module": {"w": torch.ones(2)}, "payload": _Payload()},
+        folder / "global_step1" / "mp_rank_00_model_states.pt",
+    )
+    with pytest.raises(TreadleError, match="refusing to unpickle"):
+        DeepSpeedFormat().load_tensors(tmp_path, "model")
+    import os
+
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored after the block

@@ -368,6 +368,7 @@ def wandb_offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 def test_wandb_offline_run_directory_holds_the_history(tmp_path: Path, wandb_offline: Any) -> None:
     logger = WandbLogger(project="treadle-test")
     history = fit(tmp_path, [logger])
+    wandb_offline.teardown()  # the W&B service writes the log behind finish(): let it end
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1  # offline by default: nothing was sent anywhere
     rows: dict[int, dict[str, Any]] = {}

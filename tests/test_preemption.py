@@ -21,7 +21,8 @@ import torch
 from ckpt_runs import MAX_STEPS, Recorder, assert_same_training, make_run
 
 import treadle
-from treadle.loop import PREEMPT, Preempted
+from treadle import Preempted
+from treadle.loop import PREEMPT
 from treadle.plugins.strategies.single import SingleDevice
 
 FIXTURES = Path(__file__).parent / "fixtures"

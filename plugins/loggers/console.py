@@ -35,6 +35,9 @@ __all__ = ["ConsoleLogger", "format_metrics"]
 
 # Shown first, in this order, when present; every other key follows in logged order.
 _LEADING_KEYS = ("loss", "lr")
+# On the training bar; the last two come from the throughput plugin.
+_POSTFIX_KEYS = ("loss", "lr", "samples_per_s", "tokens_per_s", "step_time_s",
+                 "throughput/tokens_per_s", "throughput/mfu")  # fmt: skip
 # Never shown as metrics: they are the position, printed separately.
 _POSITION_KEYS = ("step", "epoch")
 
@@ -291,11 +294,7 @@ class ConsoleLogger(Logger):
             self._eval_bar = None
 
     def _postfix(self, metrics: Mapping[str, float]) -> str:
-        shown = {
-            k: metrics[k]
-            for k in ("loss", "lr", "samples_per_s", "tokens_per_s", "step_time_s")
-            if k in metrics
-        }
+        shown = {k: metrics[k] for k in _POSTFIX_KEYS if k in metrics}
         return format_metrics(shown)
 
     def _line(self, metrics: Mapping[str, float], step: int) -> str:

@@ -15,7 +15,9 @@ Decisions:
   share a row. W&B rejects a step lower than one already logged: a fit that resumes from an
   older checkpoint into the same W&B run would lose those rows, so each logger start opens a
   new W&B run unless ``init_options`` say otherwise (``{"id": ..., "resume": "allow"}``).
-* ``wandb`` is imported when the logger starts, not when treadle is.
+* ``wandb`` is imported when the logger starts, not when treadle is. W&B's service process
+  may finish writing an offline run's log just after ``finish()`` returns (always before the
+  program exits); ``wandb.teardown()`` waits for it.
 """
 
 from __future__ import annotations

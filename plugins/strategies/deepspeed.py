@@ -570,17 +570,48 @@ def _not_boundary(engine: Any) -> Iterator[None]:
 
 
 def _scale_gradients(engine: Any, factor: torch.Tensor | float) -> None:
-    """Multiply every gradient the engine holds (partitioned or not) by ``factor``."""
-    from deepspeed.utils import safe_update_full_grad_vectorized
+    """Multiply every gradient the engine holds (partitioned or not) by ``factor``.
 
-    params = [p for p in engine.module.parameters() if p.requires_grad]
+    Scaling is elementwise, so each rank scales only what it holds, without communication:
+    ``param.grad`` where the engine keeps gradients whole (stage 0), this rank's partition
+    under ZeRO 3 (DeepSpeed's local gradient API), this rank's fragment under ZeRO 1 and 2.
+    Anything else goes through DeepSpeed's full-gradient API (a reduction per parameter).
+    """
+    from deepspeed.utils import (
+        safe_get_local_grad,
+        safe_set_local_grad,
+        safe_update_full_grad_vectorized,
+    )
 
-    def scale(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    def scaled(grad: torch.Tensor) -> torch.Tensor:
         if isinstance(factor, torch.Tensor):
             return (grad.double() * factor.to(grad.device)).to(grad.dtype)
         return grad * factor
 
-    safe_update_full_grad_vectorized(params, scale)
+    remaining = []
+    for param in engine.module.parameters():
+        if not param.requires_grad:
+            continue
+        if param.grad is not None:  # DeepSpeed's own rule: a present .grad is authoritative
+            param.grad.copy_(scaled(param.grad))
+        elif hasattr(param, "ds_id"):  # ZeRO 3
+            local = safe_get_local_grad(param)
+            if local is not None:
+                safe_set_local_grad(param, scaled(local))
+        elif hasattr(param, "_hp_mapping"):  # ZeRO 1 and 2
+            mapping = param._hp_mapping
+            if mapping is None:
+                continue  # no part of this parameter's gradient lives on this rank
+            fragment = getattr(mapping, "get_lp_grad_fragment", None)
+            if fragment is None:
+                remaining.append(param)
+                continue
+            part = fragment(param._index_in_param_group)
+            part.copy_(scaled(part))
+        else:
+            remaining.append(param)
+    if remaining:
+        safe_update_full_grad_vectorized(remaining, lambda grad, _: scaled(grad))
 
 
 def _as_cpu_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -18,8 +18,7 @@ Contenders:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,17 +45,6 @@ class Context:
     workdir: str
 
 
-def _autocast(ctx: Context) -> contextlib.AbstractContextManager[Any]:
-    if ctx.precision == "bf16-mixed":
-        return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _cycle(batches: list[Batch], steps: int) -> Iterator[Batch]:
-    for step in range(steps):
-        yield batches[step % len(batches)]
-
-
 # ------------------------------------------------------------------ the floor
 
 
@@ -65,15 +53,23 @@ def bare(ctx: Context) -> None:
     model, optimizer, device = ctx.model, ctx.optimizer, ctx.device
     model.train()
     torch.manual_seed(0)  # treadle seeds at set-up; keep the random streams alike
-    on_cpu = device.type == "cpu"
-    for batch in _cycle(ctx.batches, ctx.steps):
-        if not on_cpu:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with _autocast(ctx):
-            loss = model(**batch)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    on_cpu, mixed = device.type == "cpu", ctx.precision == "bf16-mixed"
+    step = 0
+    while step < ctx.steps:
+        for batch in ctx.batches:
+            if not on_cpu:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if mixed:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss = model(**batch)["loss"]
+            else:
+                loss = model(**batch)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step == ctx.steps:
+                break
 
 
 # ------------------------------------------------------------------ treadle
