@@ -79,6 +79,19 @@ def test_two_cpu_processes_reach_the_weights_of_ddp_however_started(tmp_path: Pa
 
 
 @pytest.mark.multiprocess
+def test_processes_accelerate_does_not_join_are_an_error() -> None:
+    messages = testing.run_distributed(
+        accel_workers.unjoined,
+        init_process_group=False,
+        env={"CUDA_VISIBLE_DEVICES": ""},
+        timeout=TIMEOUT,
+    )
+    for message in messages:
+        assert "2 processes were started, but Accelerate runs as 1" in message
+        assert "cpu=true" in message
+
+
+@pytest.mark.multiprocess
 def test_resume_continues_exactly() -> None:
     # three runs in the same processes: each builds a new Accelerator on the same group
     testing.check_checkpoint_roundtrip(
@@ -154,3 +167,11 @@ def test_the_strategy_is_found_by_name() -> None:
         torch.nn.Linear(2, 1), [torch.ones(2, 2)], strategy={"name": "accelerate", "cpu": True}
     )
     assert isinstance(run.strategy, AccelerateStrategy)
+
+
+def test_without_accelerate_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from treadle.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # as if it were not installed
+    with pytest.raises(MissingDependencyError, match=r"treadle\[accelerate\]"):
+        AccelerateStrategy()

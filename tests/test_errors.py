@@ -37,7 +37,7 @@ def test_unknown_config_key_names_the_closest() -> None:
 
 
 def test_config_mapping_is_validated_by_run() -> None:
-    with pytest.raises(ConfigError, match="unknown config key 'epochs'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'epochs'"):
         treadle.Run(toy.model(), toy.train_data(), config={"epochs": 3})
 
 
@@ -70,16 +70,16 @@ def test_invalid_component_options_name_the_component_and_allowed_options() -> N
 
 
 def test_mapping_without_name() -> None:
-    with pytest.raises(ConfigError, match="a optimizer given as a mapping needs a 'name' key"):
+    with pytest.raises(ConfigError, match=r"a optimizer given as a mapping needs a 'name' key"):
         treadle.Run(toy.model(), toy.train_data(), optimizer={"lr": 0.1})
 
 
 def test_wrong_types() -> None:
-    with pytest.raises(ConfigError, match="model must be a torch.nn.Module, got str"):
+    with pytest.raises(ConfigError, match=r"model must be a torch.nn.Module, got str"):
         treadle.Run("gpt2", toy.train_data())  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="strategy must be a name, a .* or a treadle.components.Strategy instance; got int"):
+    with pytest.raises(ConfigError, match=r"strategy must be a name, a .* or a treadle.components.Strategy instance; got int"):
         treadle.Run(toy.model(), toy.train_data(), strategy=3)
-    with pytest.raises(ConfigError, match="plugin .* is a class: pass an instance"):
+    with pytest.raises(ConfigError, match=r"plugin .* is a class: pass an instance"):
         treadle.Run(toy.model(), toy.train_data(), plugins=[treadle.Logger])
 
 
@@ -138,13 +138,13 @@ def test_model_errors_are_not_blamed_on_a_plugin(tmp_path: Path) -> None:
         toy.model(), [{"x": toy.samples()[0][:4], "z": toy.samples()[1][:4]}],
         config=treadle.Config(max_steps=1, output_dir=str(tmp_path)), loggers=[],
     )
-    with pytest.raises(TypeError, match="unexpected keyword argument 'z'"):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'z'"):
         run.fit()
 
 
 def test_dataset_without_batch_size(tmp_path: Path) -> None:
     run = treadle.Run(toy.model(), toy.dataset(), config=treadle.Config(output_dir=str(tmp_path)), loggers=[])
-    with pytest.raises(ConfigError, match="train_data is a Dataset, so Config.batch_size must be set"):
+    with pytest.raises(ConfigError, match=r"train_data is a Dataset, so Config.batch_size must be set"):
         run.fit()
 
 
@@ -153,7 +153,7 @@ def test_iterable_without_length_needs_max_steps(tmp_path: Path) -> None:
         yield from toy.train_data()
 
     run = treadle.Run(toy.model(), batches(), config=treadle.Config(output_dir=str(tmp_path)), loggers=[])
-    with pytest.raises(ConfigError, match="train_data has no length, so Config.max_steps must be set"):
+    with pytest.raises(ConfigError, match=r"train_data has no length, so Config.max_steps must be set"):
         run.fit()
 
 
@@ -161,7 +161,7 @@ def test_model_without_loss(tmp_path: Path) -> None:
     model = torch_linear()
     config = treadle.Config(max_steps=1, save_at_end=False, output_dir=str(tmp_path))
     run = treadle.Run(model, [torch_ones()], config=config, loggers=[])
-    with pytest.raises(treadle.TreadleError, match="the model returned Tensor with no 'loss'"):
+    with pytest.raises(treadle.TreadleError, match=r"the model returned Tensor with no 'loss'"):
         run.fit()
 
 
@@ -178,5 +178,5 @@ def torch_ones() -> Any:
 
 
 def test_resume_without_checkpoint_format() -> None:
-    with pytest.raises(ConfigError, match="Config.resume is set but checkpoint=None"):
+    with pytest.raises(ConfigError, match=r"Config.resume is set but checkpoint=None"):
         treadle.Run(toy.model(), toy.train_data(), config=treadle.Config(resume="auto"), checkpoint=None)

@@ -106,6 +106,7 @@ class FakeXLA:
             setattr(xr, name, getattr(self, name))
         package.core, core.xla_model, package.runtime = core, xm, xr  # type: ignore[attr-defined]
         for module in (package, core, xm, xr):
+            module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
             monkeypatch.setitem(sys.modules, module.__name__, module)
 
 

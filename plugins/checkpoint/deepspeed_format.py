@@ -150,7 +150,8 @@ class DeepSpeedFormat(SafetensorsFormat):
         (scheduler, plugins) are safetensors files."""
         if stem == ENGINE_STEM:
             return consolidated_weights(Path(directory) / ENGINE_STEM)
-        return super().load_tensors(directory, stem)
+        tensors: dict[str, torch.Tensor] = super().load_tensors(directory, stem)
+        return tensors
 
     def load_model(self, directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
         """The consolidated weights, checked by name and shape against ``model``."""

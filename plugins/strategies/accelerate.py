@@ -27,6 +27,7 @@ refused: use treadle's ``deepspeed``, ``fsdp`` or ``xla`` strategies for those.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from treadle.components import move_to_device
-from treadle.errors import ConfigError, TreadleError, require
+from treadle.errors import ConfigError, MissingDependencyError, TreadleError, require
 from treadle.hookspecs import hookimpl
 from treadle.plugins.strategies._distributed import TorchDistributed
 
@@ -84,6 +85,12 @@ def _accelerate() -> Any:
     return require("accelerate", extra="accelerate", what="strategy 'accelerate'")
 
 
+def _check_installed() -> None:
+    """Fail when the run is composed if Accelerate is missing, without importing it yet."""
+    if importlib.util.find_spec("accelerate") is None:
+        raise MissingDependencyError("strategy 'accelerate'", "accelerate", "accelerate")
+
+
 class AccelerateStrategy(TorchDistributed):
     """Train through an ``accelerate.Accelerator``.
 
@@ -128,7 +135,7 @@ class AccelerateStrategy(TorchDistributed):
         accelerator_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(device="cpu")  # the Accelerator chooses the device at set-up
-        _accelerate()
+        _check_installed()
         options = dict(accelerator_options or {})
         owned = sorted(set(options) & set(_OWNED))
         if owned:
@@ -265,9 +272,10 @@ class AccelerateStrategy(TorchDistributed):
         accelerator.unscale_gradients(optimizer)
         done = accelerator.gradient_accumulation_steps
         if isinstance(divisor, torch.Tensor):
+            tokens = divisor.detach().clone()
             if self.world_size > 1:
-                divisor = self.all_reduce(divisor.detach().clone(), "mean")
-            divisor = divisor.clamp_min(1) / done
+                tokens = self.all_reduce(tokens, "mean")
+            divisor = tokens.clamp_min(1) / done
         else:
             divisor = divisor / done
             if divisor == 1:

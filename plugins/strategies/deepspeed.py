@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import warnings
 from collections.abc import Iterator, Mapping
@@ -40,7 +41,13 @@ import torch
 from torch import nn
 
 from treadle.components import move_to_device
-from treadle.errors import ConfigError, TreadleError, TreadleWarning, require
+from treadle.errors import (
+    ConfigError,
+    MissingDependencyError,
+    TreadleError,
+    TreadleWarning,
+    require,
+)
 from treadle.hookspecs import hookimpl
 from treadle.plugins.strategies._distributed import TorchDistributed
 
@@ -70,6 +77,12 @@ def _deepspeed() -> Any:
     return require("deepspeed", extra="deepspeed", what="strategy 'deepspeed'")
 
 
+def _check_installed() -> None:
+    """Fail when the run is composed if DeepSpeed is missing, without importing it yet."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise MissingDependencyError("strategy 'deepspeed'", "deepspeed", "deepspeed")
+
+
 class DeepSpeedStrategy(TorchDistributed):
     """Train with a DeepSpeed engine (``deepspeed.initialize``), one process per device.
 
@@ -92,8 +105,9 @@ class DeepSpeedStrategy(TorchDistributed):
         backend, timeout, device: as for ``ddp``.
 
     Raises:
-        ConfigError: an option of the wrong kind, an option that disagrees with ``config``,
-            or a config with ``optimizer``/``scheduler`` sections.
+        ConfigError: an option of the wrong kind, or one that disagrees with ``config``; when
+            the run is composed, a config with ``optimizer``/``scheduler`` sections or batch
+            keys that disagree with the run.
         MissingDependencyError: DeepSpeed is not installed.
 
     Example::
@@ -122,7 +136,7 @@ class DeepSpeedStrategy(TorchDistributed):
         device: str = "auto",
     ) -> None:
         super().__init__(backend=backend, timeout=timeout, device=device)
-        _deepspeed()
+        _check_installed()
         self.base_config = _read_config(config)
         self.stage = self._stage(stage)
         self.compute_dtype = self._precision(precision)
@@ -204,11 +218,11 @@ class DeepSpeedStrategy(TorchDistributed):
     def deepspeed_config(self, run: Run) -> dict[str, Any]:
         """The config handed to ``deepspeed.initialize`` for this run."""
         config = copy.deepcopy(self.base_config)
-        for section, instead in (("optimizer", "optimizer="), ("scheduler", "scheduler=")):
-            if section in config:
+        for name, instead in (("optimizer", "optimizer="), ("scheduler", "scheduler=")):
+            if name in config:
                 raise ConfigError(
-                    f"strategy 'deepspeed': the DeepSpeed config has a {section!r} section, but "
-                    f"treadle's {instead} component builds the {section} (DeepSpeed steps it); "
+                    f"strategy 'deepspeed': the DeepSpeed config has a {name!r} section, but "
+                    f"treadle's {instead} component builds the {name} (DeepSpeed steps it); "
                     f"remove the section and pass treadle.Run({instead}...) instead"
                 )
         world = self.world_size
@@ -233,10 +247,13 @@ class DeepSpeedStrategy(TorchDistributed):
             ("offload_param", self.offload_param),
         ):
             if device is not None:
-                section = {"device": device, "pin_memory": self.device.type == "cuda"}
+                offload: dict[str, Any] = {
+                    "device": device,
+                    "pin_memory": self.device.type == "cuda",
+                }
                 if device == "nvme":
-                    section["nvme_path"] = self.nvme_path
-                zero[key] = {**section, **(zero.get(key) or {})}
+                    offload["nvme_path"] = self.nvme_path
+                zero[key] = {**offload, **(zero.get(key) or {})}
         config["zero_optimization"] = zero
         for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
             section = dict(config.get(key) or {})
@@ -276,8 +293,11 @@ class DeepSpeedStrategy(TorchDistributed):
 
     @hookimpl
     def on_init_end(self, run: Run) -> None:
-        """Refuse, before any compute, a checkpoint format that cannot hold ZeRO's state."""
+        """Before any compute: the DeepSpeed config this run gets must be valid, and the
+        checkpoint format able to hold ZeRO's partitioned state."""
         from treadle.plugins.checkpoint.deepspeed_format import DeepSpeedFormat
+
+        self.deepspeed_config(run)  # raises ConfigError for what disagrees with the run
 
         fmt, config = run.checkpoint_format, run.config
         saves = config.save_at_end or config.save_every or config.resume is not None
@@ -395,14 +415,16 @@ class DeepSpeedStrategy(TorchDistributed):
         The engine divided each micro-batch's loss by ``gradient_accumulation_steps`` (mean
         mode); a shorter window (the last of an epoch) is rescaled to its own length. In tokens
         mode the engine did not divide, and the gradients are divided by the mean over ranks
-        of the window's scored tokens here. Both go through DeepSpeed's gradient API for
-        partitioned gradients (``safe_update_full_grad_vectorized``).
+        of the window's scored tokens here. Each rank scales only the gradients it holds
+        (its ZeRO-3 partition, its ZeRO-1/2 fragment, or ``.grad``), without communication.
         """
         engine = self.engine
+        factor: torch.Tensor | float
         if isinstance(divisor, torch.Tensor):
+            tokens = divisor.detach().clone()
             if self.world_size > 1:
-                divisor = self.all_reduce(divisor.detach().clone(), "mean")
-            factor: torch.Tensor | float = 1.0 / divisor.clamp_min(1).double()
+                tokens = self.all_reduce(tokens, "mean")
+            factor = 1.0 / tokens.clamp_min(1).double()
         else:
             steps = engine.gradient_accumulation_steps()
             if divisor == steps:
@@ -428,7 +450,7 @@ class DeepSpeedStrategy(TorchDistributed):
 
     def model_state_dict(
         self, model: nn.Module, *, sharded: bool = False
-    ) -> Mapping[str, torch.Tensor]:  # type: ignore[override]
+    ) -> Mapping[str, torch.Tensor]:
         """Sharded: a stand-in through which the engine saves itself (``checkpoint="deepspeed"``).
         Full: the whole weights on the main process (fp32 master weights under 16-bit
         precision); a collective call, other ranks get an empty dict.
@@ -545,7 +567,8 @@ def _per_device_batch(run: Run) -> int | None:
     size = getattr(run.train_data, "batch_size", None)
     if isinstance(size, int):
         return size
-    return run.config.batch_size
+    configured: int | None = run.config.batch_size
+    return configured
 
 
 def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import operator
 from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -79,7 +80,12 @@ class XLAStrategy(Strategy):
     name = "xla"
 
     def __init__(self) -> None:
-        _torch_xla()
+        try:  # checked now, imported at set-up
+            missing = importlib.util.find_spec("torch_xla") is None
+        except ValueError:  # already imported, without a spec
+            missing = False
+        if missing:
+            _torch_xla()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -109,7 +115,7 @@ class XLAStrategy(Strategy):
         stepped = self.precision.optimizer_step(optimizer)
         _, xm, _ = _torch_xla()
         xm.mark_step()
-        return stepped
+        return bool(stepped)
 
     @hookimpl
     def on_eval_step_end(self) -> None:

@@ -169,7 +169,7 @@ def _training_values(
     q1, q2, q3 = quartiles(steps)
     measured_steps = sum(len(r["step_times_s"]) for r in good)
     steps_per_s = measured_steps / sum(r["measured_s"] for r in good)
-    step_ratio, speed, ttfs_ratio, rss_delta, same = [], [], [], [], []
+    step_ratio, speed, cpu_ratio, ttfs_ratio, rss_delta, same = [], [], [], [], [], []
     for r in good:
         base = by_round[r["round"]].get("bare")
         if base is None or "error" in base:
@@ -178,6 +178,7 @@ def _training_values(
             statistics.median(r["step_times_s"]) / statistics.median(base["step_times_s"])
         )
         speed.append(base["measured_s"] / r["measured_s"])
+        cpu_ratio.append(r["measured_cpu_s"] / base["measured_cpu_s"])
         ttfs_ratio.append(r["first_step_s"] / base["first_step_s"])
         rss_delta.append(r["peak_rss_mb"] - base["peak_rss_mb"])
         same.append(
@@ -193,6 +194,8 @@ def _training_values(
         "tokens_per_s": steps_per_s * tokens_per_step if tokens_per_step else None,
         "step_ratio": median(step_ratio),
         "throughput_ratio": median(speed),
+        "cpu_per_step_ms": sum(r["measured_cpu_s"] for r in good) / measured_steps * 1e3,
+        "cpu_ratio": median(cpu_ratio),
         "first_step_s": median(r["first_step_s"] for r in good),
         "first_step_ratio": median(ttfs_ratio),
         "peak_rss_mb": median(r["peak_rss_mb"] for r in good),
@@ -376,23 +379,23 @@ def markdown(
     if training:
         lines += [
             "| workload | contender | step ms (median) | IQR ms | samples/s | step time / bare "
-            "| throughput / bare | first step s | first step / bare | peak RSS MB | RSS - bare MB "
-            "| CPU s | final loss | same weights as bare |",
+            "| throughput / bare | CPU time / bare | first step s | first step / bare "
+            "| peak RSS MB | RSS - bare MB | final loss | same weights as bare |",
             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|",
         ]
         for r in training:
             v = r.values
             if not v:
-                lines.append(
-                    f"| {r.workload} | {r.contender} | failed: {_short(r.errors)} |" + " |" * 11
-                )
+                failed = f"| {r.workload} | {r.contender} | failed: {_short(r.errors)} |"
+                lines.append(failed + " |" * 11)
                 continue
             lines.append(
                 f"| {r.workload} | {r.contender} | {_fmt(v['step_ms_median'], 3)} | "
-                f"{_fmt(v['step_ms_q1'], 3)}..{_fmt(v['step_ms_q3'], 3)} | {_fmt(v['samples_per_s'], 0)} | "
-                f"{_fmt(v['step_ratio'], 3)} | {_fmt(v['throughput_ratio'], 3)} | "
+                f"{_fmt(v['step_ms_q1'], 3)}..{_fmt(v['step_ms_q3'], 3)} | "
+                f"{_fmt(v['samples_per_s'], 0)} | {_fmt(v['step_ratio'], 3)} | "
+                f"{_fmt(v['throughput_ratio'], 3)} | {_fmt(v['cpu_ratio'], 3)} | "
                 f"{_fmt(v['first_step_s'])} | {_fmt(v['first_step_ratio'])} | "
-                f"{_fmt(v['peak_rss_mb'], 0)} | {_fmt(v['rss_delta_mb'], 1)} | {_fmt(v['cpu_s'], 1)} | "
+                f"{_fmt(v['peak_rss_mb'], 0)} | {_fmt(v['rss_delta_mb'], 1)} | "
                 f"{v['final_loss']:.6f} | {_fmt(v['same_as_bare'])} |"
             )
         lines.append("")

@@ -34,6 +34,10 @@ class Clock:
         self.times = [0.0] * total
         self.count = 0
         self.first_wall = 0.0
+        # CPU time of this thread over the measured steps: what other processes' load
+        # disturbs least (they take the CPU away; they add little CPU time to ours)
+        self.cpu = [0.0, 0.0]
+        self._cpu_at = {warmup - 1: 0, total - 1: 1}
         self._sync_at = {warmup - 1, total - 1} if synchronize is not None else set()
         self._synchronize = synchronize
 
@@ -43,6 +47,8 @@ class Clock:
             self._synchronize()
         if index < len(self.times):
             self.times[index] = time.perf_counter()
+        if index in self._cpu_at:
+            self.cpu[self._cpu_at[index]] = time.thread_time()
         if index == 0:
             self.first_wall = time.time()
         self.count = index + 1
@@ -118,6 +124,7 @@ def run_train(spec: dict[str, Any], t0: float) -> dict[str, Any]:
     return {
         "step_times_s": [round(b - a, 9) for a, b in zip(times[warmup - 1 :], times[warmup:])],
         "measured_s": times[-1] - times[warmup - 1],
+        "measured_cpu_s": clock.cpu[1] - clock.cpu[0],
         "first_step_s": clock.first_wall - t0,
         "train_wall_s": end_wall - t0,
         "final_loss": final_loss,
