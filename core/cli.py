@@ -159,10 +159,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_demo(arguments: list[str]) -> int:
     from treadle.plugins import demo
 
-    return demo.main(args.demo_args)
+    return demo.main(arguments)
 
 
 def launch_argv(argv: Sequence[str]) -> list[str]:
@@ -259,11 +259,12 @@ def _cmd_launch(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["launch"]:
-        # torchrun's own parser reads these (its options come before RUN.toml), not argparse's
-        # subcommand machinery, which cannot take unknown options ahead of a positional.
+    # `launch` and `demo` hand their options on untouched (to torchrun's parser, to the demo's):
+    # argparse's subcommands cannot take unknown options ahead of a positional.
+    passthrough = {"launch": _cmd_launch, "demo": _cmd_demo}
+    if arguments[:1] and arguments[0] in passthrough:
         try:
-            return _cmd_launch(arguments[1:])
+            return passthrough[arguments[0]](arguments[1:])
         except TreadleError as exc:
             print(f"treadle: error: {exc}", file=sys.stderr)
             return 2
@@ -308,8 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     plot_parser.set_defaults(handler=_cmd_plot)
     demo_parser = commands.add_parser("demo", help="train a small transformer on a generated task")
-    demo_parser.add_argument("demo_args", nargs=argparse.REMAINDER)
-    demo_parser.set_defaults(handler=_cmd_demo)
+    demo_parser.add_argument("options", nargs="*", help="see `treadle demo --help`")
     args = parser.parse_args(arguments)
     try:
         return int(args.handler(args))

@@ -33,6 +33,10 @@ __all__ = [
 ]
 
 
+#: ``nullcontext`` holds no state: one instance serves every step
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 class OptimizerFactory(Protocol):
     """``factory(model, **options) -> Optimizer``; entry-point group ``treadle.optimizer``."""
 
@@ -68,7 +72,7 @@ class Precision:
         return batch
 
     def forward_context(self) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss
@@ -344,8 +348,14 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         # ``to`` returns the tensor itself when it is already there, at ten times the cost
         return batch if batch.device == device else batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (dict, Mapping)):  # dict first: it spares the ABC check
+        return {
+            # a tensor already in place (the common case) without a recursive call
+            k: v
+            if isinstance(v, torch.Tensor) and v.device == device
+            else move_to_device(v, device)
+            for k, v in batch.items()
+        }
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(move_to_device(v, device) for v in batch))
     if isinstance(batch, list | tuple):

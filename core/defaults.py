@@ -22,7 +22,7 @@ PLUGIN_NAME = "treadle.defaults"
 
 def forward(model: nn.Module, batch: Any) -> Any:
     """Call the model the way the batch is shaped: mapping → keywords, sequence → first item."""
-    if isinstance(batch, Mapping):
+    if isinstance(batch, (dict, Mapping)):  # dict first: it spares the ABC check
         return model(**batch)
     if isinstance(batch, list | tuple):
         return model(batch[0])
@@ -30,7 +30,8 @@ def forward(model: nn.Module, batch: Any) -> Any:
 
 
 def loss_from_outputs(outputs: Any) -> torch.Tensor:
-    loss = getattr(outputs, "loss", None)
+    # on a plain dict, getattr would raise and catch an AttributeError at every step
+    loss = outputs.get("loss") if type(outputs) is dict else getattr(outputs, "loss", None)
     if loss is None and isinstance(outputs, Mapping):
         loss = outputs.get("loss")
     if loss is None:
@@ -136,15 +137,15 @@ def batch_rows(batch: Any) -> int:
     """The number of examples in a batch: the first dimension of its first tensor."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, Mapping):
+    if isinstance(batch, (dict, Mapping)):  # dict first: it spares the ABC check
         values: Iterable[Any] = batch.values()
     elif isinstance(batch, Iterable) and not isinstance(batch, str | bytes):
         values = batch
     else:
         return 1
     for value in values:
-        if isinstance(value, torch.Tensor) and value.dim():
-            return int(value.shape[0])
+        if isinstance(value, torch.Tensor) and (shape := value.shape):  # () for a scalar
+            return int(shape[0])
     return 1
 
 

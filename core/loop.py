@@ -60,7 +60,8 @@ def fit(run: Run) -> State:
         for window in _windows(_epoch_batches(run, loader), config.grad_accum_steps):
             loss = _train_step(run, model, optimizer, window)
             meter.add(loss)
-            run.emit("on_step_end", run=run, loss=loss)
+            if (hook := run._listeners.get("on_step_end")) is not None:  # run.emit, inlined
+                hook(run=run, loss=loss)
             _step_boundary(run, meter)
             if run._stopping:
                 break
@@ -97,30 +98,40 @@ def _train_step(
     """One optimizer step over a window of micro-batches; returns the step's loss on device."""
     state, strategy = run.state, run.strategy
     normalization = run.config.loss_normalization
-    run.emit("on_step_begin", run=run)
+    # run.emit, inlined: only hooks with implementations are in run._listeners (the run keeps
+    # it current), so an event nobody listens to costs one dictionary lookup, not a call.
+    hooks = run._listeners
+    if (hook := hooks.get("on_step_begin")) is not None:
+        hook(run=run)
     total: torch.Tensor | None = None
     count: torch.Tensor | int = 0
     last = len(window) - 1
     for index, batch in enumerate(window):
         batch = strategy.to_device(batch)
-        run.emit("on_micro_step_begin", run=run, batch=batch)
-        # gradients are synchronised across ranks only on the window's last micro-batch
-        with strategy.no_sync(model) if index < last else contextlib.nullcontext():
+        if (hook := hooks.get("on_micro_step_begin")) is not None:
+            hook(run=run, batch=batch)
+        if index < last:  # gradients are synchronised across ranks on the last micro-batch only
+            with strategy.no_sync(model):
+                loss = run.provide("training_step", run=run, model=model, batch=batch)
+        else:
             loss = run.provide("training_step", run=run, model=model, batch=batch)
         part, items = _loss_parts(loss, normalization)
         total = part if total is None else total + part
         count = count + items
         state.micro_step += 1
         state.samples_seen += batch_rows(batch)
-        run.emit("on_micro_step_end", run=run, loss=loss)
+        if (hook := hooks.get("on_micro_step_end")) is not None:
+            hook(run=run, loss=loss)
     assert total is not None
     strategy.finalize_gradients(optimizer, count)
-    run.emit("on_before_optimizer_step", run=run, optimizer=optimizer)
+    if (hook := hooks.get("on_before_optimizer_step")) is not None:
+        hook(run=run, optimizer=optimizer)
     if run._skip_reason is None:
         stepped = strategy.optimizer_step(optimizer)
     else:  # a plugin dropped this step with run.skip_step()
         stepped, run._skip_reason = False, None
-    run.emit("on_after_optimizer_step", run=run, optimizer=optimizer)
+    if (hook := hooks.get("on_after_optimizer_step")) is not None:
+        hook(run=run, optimizer=optimizer)
     if not stepped:
         state.skipped_steps += 1
     elif run.scheduler is not None:
@@ -156,8 +167,8 @@ def _step_boundary(run: Run, meter: _Meter) -> None:
     if config.max_steps is not None and state.step >= config.max_steps:
         requests |= STOP
         run._stop_reason = run._stop_reason or "max_steps"
-    log_due = bool(requests & LOG) or bool(config.log_every and state.step % config.log_every == 0)
-    eval_due = bool(requests & EVAL) or bool(config.eval_every and state.step % config.eval_every == 0)
+    log_due = requests & LOG or (config.log_every and state.step % config.log_every == 0)
+    eval_due = requests & EVAL or (config.eval_every and state.step % config.eval_every == 0)
     if log_due:
         meter.log()
     if eval_due and run.eval_data is not None:

@@ -240,9 +240,12 @@ class Run:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate through the strategy, with the backward events around it."""
-        self.emit("on_before_backward", run=self, loss=loss)
+        # emit, inlined: this runs for every micro-batch (see loop._train_step)
+        if (hook := self._listeners.get("on_before_backward")) is not None:
+            hook(run=self, loss=loss)
         self.strategy.backward(loss)
-        self.emit("on_after_backward", run=self)
+        if (hook := self._listeners.get("on_after_backward")) is not None:
+            hook(run=self)
 
     # ------------------------------------------------------------------ entry points
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import shutil
 import sys
@@ -200,7 +199,8 @@ class _Block(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
         x = x + self.proj(attn.transpose(1, 2).reshape(batch, length, width))
-        return x + self.mlp(self.ln2(x))
+        out: torch.Tensor = x + self.mlp(self.ln2(x))
+        return out
 
 
 class TinyLM(nn.Module):
@@ -364,9 +364,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        default=min(2, os.cpu_count() or 1),
-        help="torch CPU threads (default: %(default)s; matrices this small gain little from "
-        "more, and on a busy machine extra threads mostly wait for each other)",
+        default=1,
+        # Measured: 2 threads were ~10% faster per step on an idle machine, but twice as slow
+        # overall (52 s vs 24 s) on a machine shared with other work, where they wait on
+        # each other; matrices of width 64 have too little work to split.
+        help="torch CPU threads (default: %(default)s; this model is too small to gain from more)",
     )
     if argv and argv[0] == "--":  # `treadle demo -- --steps 100`: the separator is not ours
         argv = argv[1:]

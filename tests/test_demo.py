@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from treadle import cli
 from treadle.plugins import demo
 from treadle.plugins.demo import (
     IGNORE_INDEX,
@@ -181,8 +182,17 @@ def test_main_short_run_writes_logs_and_a_checkpoint(
     assert line.startswith("demo done: heldout accuracy")
     assert str(out / "metrics.jsonl") in line and str(checkpoint) in line
 
-    # a rerun into the demo's own directory starts clean instead of appending
-    assert demo.main(["--steps", "60", "--output-dir", str(out), "--threads", "1"]) == 0
+    # `treadle plot` on the demo's output writes a PNG that decodes
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (treadle[plot])")
+    from matplotlib import image
+
+    assert cli.main(["plot", str(out)]) == 0
+    png = Path(capsys.readouterr().out.strip())
+    assert png == out / "metrics.png" and png.stat().st_size > 10_000
+    assert image.imread(png).shape[:2] == (4 * 260, 800)
+
+    # a rerun through the command line (options after `demo`) starts clean instead of appending
+    assert cli.main(["demo", "--steps", "60", "--output-dir", str(out), "--threads", "1"]) == 0
     assert len(_records(out / "metrics.jsonl")) == len(records)
 
 
