@@ -71,6 +71,16 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path: Path, at: int) ->
 
 
 def test_sigint_exits_130_and_a_second_one_interrupts_at_once(tmp_path: Path) -> None:
+    # A shell starts background jobs (as CI may) with SIGINT ignored; a second SIGINT then
+    # does what the previous handler does: nothing. Test with Python's own handler in place.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _sigint_twice(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _sigint_twice(tmp_path: Path) -> None:
     before = signal.getsignal(signal.SIGINT)
     run, _ = make_run(tmp_path / "once", plugins=(SendSignal(signal.SIGINT, at=2),))
     with pytest.raises(Preempted) as caught:
