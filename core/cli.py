@@ -162,7 +162,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_demo(arguments: list[str]) -> int:
     from treadle.plugins import demo
 
-    return demo.main(arguments)
+    return int(demo.main(arguments))
 
 
 def launch_argv(argv: Sequence[str]) -> list[str]:

@@ -166,7 +166,7 @@ class Strategy:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.precision.scale_loss(loss).backward()
+        torch.autograd.backward(self.precision.scale_loss(loss))
 
     def finalize_gradients(
         self, optimizer: torch.optim.Optimizer, divisor: torch.Tensor | float
@@ -176,6 +176,14 @@ class Strategy:
         in this rank's window.
         """
         self.precision.unscale_gradients(optimizer)
+        self.divide_gradients(optimizer, divisor)
+
+    def divide_gradients(
+        self, optimizer: torch.optim.Optimizer, divisor: torch.Tensor | float, *, done: float = 1
+    ) -> None:
+        """Divide the gradients by ``divisor / done`` (``done``: a division already made, e.g.
+        by an engine's own accumulation).
+        """
         if isinstance(divisor, torch.Tensor):
             if self.world_size > 1:
                 # DDP-style reduction averages gradients over ranks, so divide by the mean of
@@ -183,8 +191,12 @@ class Strategy:
                 divisor = self.all_reduce(divisor.detach().clone(), "mean")
             # a window with no scored token has zero gradients; keep them zero, not NaN
             divisor = divisor.clamp_min(1)
-        elif divisor == 1:
-            return
+            if done != 1:
+                divisor = divisor / done
+        else:
+            divisor = divisor / done
+            if divisor == 1:
+                return
         grads = [
             p.grad
             for group in optimizer.param_groups

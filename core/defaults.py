@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence, Sized
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ def loss_from_outputs(outputs: Any) -> torch.Tensor:
 def compute_loss(run: Run, model: nn.Module, batch: Any) -> torch.Tensor | LossSum:
     outputs = forward(model, batch)
     if run.loss_fn is not None:
-        return run.loss_fn(outputs, batch)  # type: ignore[no-any-return]
+        return run.loss_fn(outputs, batch)
     return loss_from_outputs(outputs)
 
 
@@ -183,7 +183,7 @@ def make_train_loader(run: Run, data: Any) -> Iterable[Any]:
             drop_last=config.drop_last,
             num_workers=config.num_workers,
         )
-    return data  # any re-iterable of ready batches (a list, a generator factory's result)
+    return cast(Iterable[Any], data)  # any re-iterable of ready batches (a list, ...)
 
 
 @hookimpl(trylast=True)
@@ -191,10 +191,7 @@ def make_eval_loader(run: Run, data: Any) -> Iterable[Any]:
     if isinstance(data, DataLoader):
         if run.strategy.world_size > 1 and _has_standard_sampler(data):
             sampler = run.strategy.train_sampler(
-                len(data.dataset),
-                shuffle=False,
-                seed=0,
-                drop_last=False,  # type: ignore[arg-type]
+                len(cast(Sized, data.dataset)), shuffle=False, seed=0, drop_last=False
             )
             return _rebuild(data, sampler)
         return data
@@ -206,7 +203,7 @@ def make_eval_loader(run: Run, data: Any) -> Iterable[Any]:
         return DataLoader(
             data, batch_size=batch_size, sampler=sampler, num_workers=run.config.num_workers
         )
-    return data
+    return cast(Iterable[Any], data)
 
 
 def _is_map_dataset(data: Any) -> bool:

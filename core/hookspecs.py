@@ -84,8 +84,8 @@ every rank: after the save, ``fit`` raises ``treadle.Preempted`` (exit code 128 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, overload
 
 import pluggy
 
@@ -99,8 +99,20 @@ if TYPE_CHECKING:
 
 PROJECT = "treadle"
 
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _Marker(Protocol):
+    """The typed face of pluggy's markers: a decorated function keeps its signature."""
+
+    @overload
+    def __call__(self, function: _F, /) -> _F: ...
+    @overload
+    def __call__(self, function: None = None, /, **options: Any) -> Callable[[_F], _F]: ...
+
+
+hookspec = cast(_Marker, pluggy.HookspecMarker(PROJECT))
+hookimpl = cast(_Marker, pluggy.HookimplMarker(PROJECT))
 
 # ---------------------------------------------------------------- events: the run
 

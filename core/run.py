@@ -232,6 +232,14 @@ class Run:
         self.emit("on_log", run=self, metrics=record)
         self.state.last_metrics.update(record)  # with what on_log wrappers added
 
+    def is_stopping(self) -> bool:
+        """Whether the current ``fit`` stops at this step boundary."""
+        return self._stopping
+
+    def clear_stop(self) -> None:
+        """Forget a stop of an earlier ``fit`` (each ``fit`` starts without one)."""
+        self._stopping = False
+
     def fold_tokens(self) -> None:
         """Move the scored-token count kept on the device into ``state.tokens_seen``."""
         if not isinstance(self._tokens_pending, int):
@@ -285,17 +293,20 @@ class Run:
 
     def evaluate(self, data: Any = None) -> dict[str, float]:
         """Evaluate on ``data`` (or the run's eval data); returns and logs the metrics."""
-        return self._guarded(loop.evaluate, self, data)
+        metrics: dict[str, float] = self._guarded(loop.evaluate, self, data)
+        return metrics
 
     def predict(self, data: Any) -> list[Any]:
         """Run ``predict_step`` over ``data``; returns every batch's outputs, in order."""
-        return self._guarded(loop.predict, self, data)
+        predictions: list[Any] = self._guarded(loop.predict, self, data)
+        return predictions
 
     def save(self) -> Path:
         """Write a checkpoint now; returns its directory."""
         from treadle import checkpoint
 
-        return self._guarded(checkpoint.save, self)
+        path: Path = self._guarded(checkpoint.save, self)
+        return path
 
     def close(self) -> None:
         """Release the strategy's processes and engines; the run cannot train afterwards."""
@@ -423,7 +434,9 @@ class Run:
         self.optimizer = self.strategy.wrap_optimizer(optimizer)
         # an engine that wraps model and optimizer together is built now, and called from now on
         self._wrapped = self.strategy.attach_optimizer(self.wrapped_model, self.optimizer)
-        self.scheduler = self.provide("make_scheduler", optional=True, run=self, optimizer=self.optimizer)
+        self.scheduler = self.provide(
+            "make_scheduler", optional=True, run=self, optimizer=self.optimizer
+        )
         if self.scheduler is not None and _has_hookimpls(self.scheduler):
             self._register(self.scheduler, f"scheduler:{type(self.scheduler).__name__}")
             self._refresh_listeners()

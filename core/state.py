@@ -19,7 +19,7 @@ class LossSum(NamedTuple):
     """
 
     total: torch.Tensor
-    count: torch.Tensor | int
+    count: torch.Tensor | int  # type: ignore[assignment]  # the field shadows tuple.count
 
 
 @attrs.define(kw_only=True)

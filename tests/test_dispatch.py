@@ -27,10 +27,12 @@ class OnlyStepEnd:
 
 def _monitored_fit(tmp_path: Path, **run_options: Any) -> list[str]:
     run = treadle.Run(
-        toy.model(), toy.train_data(),
+        toy.model(),
+        toy.train_data(),
         eval_data=toy.train_data(n=16),
-        config=treadle.Config(max_steps=10, log_every=2, eval_every=5, save_every=5,
-                              output_dir=str(tmp_path)),
+        config=treadle.Config(
+            max_steps=10, log_every=2, eval_every=5, save_every=5, output_dir=str(tmp_path)
+        ),
         **run_options,
     )
     dispatched: list[str] = []

@@ -15,10 +15,19 @@ from treadle.errors import ConfigError, PluginError, UnknownNameError
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"grad_accum_steps": 0}, "Config.grad_accum_steps = 0 is not allowed: expected an integer >= 1"),
-        ({"max_steps": -5}, "Config.max_steps = -5 is not allowed: expected an integer >= 1 or None"),
+        (
+            {"grad_accum_steps": 0},
+            "Config.grad_accum_steps = 0 is not allowed: expected an integer >= 1",
+        ),
+        (
+            {"max_steps": -5},
+            "Config.max_steps = -5 is not allowed: expected an integer >= 1 or None",
+        ),
         ({"max_steps": 2.5}, "Config.max_steps = 2.5 is not allowed"),
-        ({"loss_normalization": "sum"}, "Config.loss_normalization = 'sum' is not allowed: expected one of 'mean', 'tokens'"),
+        (
+            {"loss_normalization": "sum"},
+            "Config.loss_normalization = 'sum' is not allowed: expected one of 'mean', 'tokens'",
+        ),
         ({"monitor_mode": "best"}, "expected one of 'min', 'max'"),
         ({"shuffle": "yes"}, "Config.shuffle = 'yes' is not allowed: expected True or False"),
         ({"log_every": True}, "Config.log_every = True is not allowed: expected an integer >= 0"),
@@ -32,7 +41,10 @@ def test_invalid_config_values(fields: dict[str, Any], message: str) -> None:
 
 
 def test_unknown_config_key_names_the_closest() -> None:
-    with pytest.raises(ConfigError, match=r"unknown config key 'grad_acum_steps'\. Did you mean 'grad_accum_steps'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key 'grad_acum_steps'\. Did you mean 'grad_accum_steps'\?",
+    ):
         treadle.Config.from_dict({"grad_acum_steps": 2})
 
 
@@ -77,7 +89,10 @@ def test_mapping_without_name() -> None:
 def test_wrong_types() -> None:
     with pytest.raises(ConfigError, match=r"model must be a torch.nn.Module, got str"):
         treadle.Run("gpt2", toy.train_data())  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"strategy must be a name, a .* or a treadle.components.Strategy instance; got int"):
+    with pytest.raises(
+        ConfigError,
+        match=r"strategy must be a name, a .* or a treadle.components.Strategy instance; got int",
+    ):
         treadle.Run(toy.model(), toy.train_data(), strategy=3)
     with pytest.raises(ConfigError, match=r"plugin .* is a class: pass an instance"):
         treadle.Run(toy.model(), toy.train_data(), plugins=[treadle.Logger])
@@ -90,7 +105,10 @@ def test_misspelled_hook_fails_at_compose_time() -> None:
 
     with pytest.raises(PluginError) as info:
         treadle.Run(toy.model(), toy.train_data(), plugins=[Typo()])
-    assert str(info.value) == "plugin 'Typo', hook 'on_stpe_end': no such hook. Did you mean 'on_step_end'?"
+    assert (
+        str(info.value)
+        == "plugin 'Typo', hook 'on_stpe_end': no such hook. Did you mean 'on_step_end'?"
+    )
     assert info.value.plugin == "Typo" and info.value.hook == "on_stpe_end"
 
 
@@ -122,8 +140,11 @@ def test_exception_in_a_hook_names_plugin_and_hook(tmp_path: Path) -> None:
             seen.append(exception)
 
     run = treadle.Run(
-        toy.model(), toy.train_data(), config=treadle.Config(max_steps=5, output_dir=str(tmp_path)),
-        loggers=[], plugins=[Exploding(), Witness()],
+        toy.model(),
+        toy.train_data(),
+        config=treadle.Config(max_steps=5, output_dir=str(tmp_path)),
+        loggers=[],
+        plugins=[Exploding(), Witness()],
     )
     with pytest.raises(PluginError) as info:
         run.fit()
@@ -135,16 +156,22 @@ def test_exception_in_a_hook_names_plugin_and_hook(tmp_path: Path) -> None:
 
 def test_model_errors_are_not_blamed_on_a_plugin(tmp_path: Path) -> None:
     run = treadle.Run(
-        toy.model(), [{"x": toy.samples()[0][:4], "z": toy.samples()[1][:4]}],
-        config=treadle.Config(max_steps=1, output_dir=str(tmp_path)), loggers=[],
+        toy.model(),
+        [{"x": toy.samples()[0][:4], "z": toy.samples()[1][:4]}],
+        config=treadle.Config(max_steps=1, output_dir=str(tmp_path)),
+        loggers=[],
     )
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'z'"):
         run.fit()
 
 
 def test_dataset_without_batch_size(tmp_path: Path) -> None:
-    run = treadle.Run(toy.model(), toy.dataset(), config=treadle.Config(output_dir=str(tmp_path)), loggers=[])
-    with pytest.raises(ConfigError, match=r"train_data is a Dataset, so Config.batch_size must be set"):
+    run = treadle.Run(
+        toy.model(), toy.dataset(), config=treadle.Config(output_dir=str(tmp_path)), loggers=[]
+    )
+    with pytest.raises(
+        ConfigError, match=r"train_data is a Dataset, so Config.batch_size must be set"
+    ):
         run.fit()
 
 
@@ -152,8 +179,12 @@ def test_iterable_without_length_needs_max_steps(tmp_path: Path) -> None:
     def batches() -> Any:
         yield from toy.train_data()
 
-    run = treadle.Run(toy.model(), batches(), config=treadle.Config(output_dir=str(tmp_path)), loggers=[])
-    with pytest.raises(ConfigError, match=r"train_data has no length, so Config.max_steps must be set"):
+    run = treadle.Run(
+        toy.model(), batches(), config=treadle.Config(output_dir=str(tmp_path)), loggers=[]
+    )
+    with pytest.raises(
+        ConfigError, match=r"train_data has no length, so Config.max_steps must be set"
+    ):
         run.fit()
 
 
@@ -179,4 +210,6 @@ def torch_ones() -> Any:
 
 def test_resume_without_checkpoint_format() -> None:
     with pytest.raises(ConfigError, match=r"Config.resume is set but checkpoint=None"):
-        treadle.Run(toy.model(), toy.train_data(), config=treadle.Config(resume="auto"), checkpoint=None)
+        treadle.Run(
+            toy.model(), toy.train_data(), config=treadle.Config(resume="auto"), checkpoint=None
+        )

@@ -45,7 +45,13 @@ for _hook in EVENTS:
 
 
 def expected_sequence(
-    *, epochs: int, batches: int, accum: int, log_every: int, eval_every: int, save_every: int,
+    *,
+    epochs: int,
+    batches: int,
+    accum: int,
+    log_every: int,
+    eval_every: int,
+    save_every: int,
     eval_batches: int,
 ) -> list[tuple[str, int, int]]:
     """The sequence the pseudocode in hookspecs' docstring prescribes, written out by hand."""
@@ -77,7 +83,10 @@ def expected_sequence(
                     ("on_after_backward", epoch, step),
                     ("on_micro_step_end", epoch, step),
                 ]
-            seq += [("on_before_optimizer_step", epoch, step), ("on_after_optimizer_step", epoch, step)]
+            seq += [
+                ("on_before_optimizer_step", epoch, step),
+                ("on_after_optimizer_step", epoch, step),
+            ]
             step += 1
             seq.append(("on_step_end", epoch, step))
             if step % log_every == 0:
@@ -104,7 +113,11 @@ def test_fit_fires_hooks_in_documented_order(tmp_path: Path) -> None:
         train,
         eval_data=toy.train_data(n=16, batch_size=8),  # 2 eval batches
         config=treadle.Config(
-            max_epochs=2, grad_accum_steps=2, eval_every=3, save_every=4, log_every=2,
+            max_epochs=2,
+            grad_accum_steps=2,
+            eval_every=3,
+            save_every=4,
+            log_every=2,
             output_dir=str(tmp_path),
         ),
         loggers=[],
@@ -122,10 +135,19 @@ def test_fit_fires_hooks_in_documented_order(tmp_path: Path) -> None:
 def test_uneven_window_and_predict_hooks(tmp_path: Path) -> None:
     recorder = Recorder()
     run = treadle.Run(
-        toy.model(), toy.train_data(n=24, batch_size=8),  # 3 batches, windows of 2 and 1
-        config=treadle.Config(max_epochs=1, grad_accum_steps=2, log_every=0, eval_at_end=False,
-                              save_at_end=False, output_dir=str(tmp_path)),
-        loggers=[], checkpoint=None, plugins=[recorder],
+        toy.model(),
+        toy.train_data(n=24, batch_size=8),  # 3 batches, windows of 2 and 1
+        config=treadle.Config(
+            max_epochs=1,
+            grad_accum_steps=2,
+            log_every=0,
+            eval_at_end=False,
+            save_at_end=False,
+            output_dir=str(tmp_path),
+        ),
+        loggers=[],
+        checkpoint=None,
+        plugins=[recorder],
     )
     run.fit()
     names = [c[0] for c in recorder.calls]
@@ -136,7 +158,10 @@ def test_uneven_window_and_predict_hooks(tmp_path: Path) -> None:
     out = run.predict(toy.train_data(n=16, batch_size=8))
     assert len(out) == 2
     assert [c[0] for c in recorder.calls] == [
-        "on_predict_begin", "on_predict_step_end", "on_predict_step_end", "on_predict_end"
+        "on_predict_begin",
+        "on_predict_step_end",
+        "on_predict_step_end",
+        "on_predict_end",
     ]
 
 
@@ -165,9 +190,21 @@ def test_providers_are_firstresult_and_events_are_not() -> None:
 def test_hf_equivalents_table_lists_existing_hooks() -> None:
     table = (Path(__file__).parents[1] / "docs" / "hooks.md").read_text()
     hf_events = [
-        "on_init_end", "on_train_begin", "on_epoch_begin", "on_step_begin", "on_substep_end",
-        "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_evaluate",
-        "on_prediction_step", "on_save", "on_epoch_end", "on_train_end", "on_predict",
+        "on_init_end",
+        "on_train_begin",
+        "on_epoch_begin",
+        "on_step_begin",
+        "on_substep_end",
+        "on_pre_optimizer_step",
+        "on_optimizer_step",
+        "on_step_end",
+        "on_log",
+        "on_evaluate",
+        "on_prediction_step",
+        "on_save",
+        "on_epoch_end",
+        "on_train_end",
+        "on_predict",
     ]
     rows = dict(re.findall(r"^\|\s*`(on_\w+)`\s*\|\s*`(\w+)`", table, flags=re.M))
     assert sorted(rows) == sorted(hf_events)
@@ -176,6 +213,8 @@ def test_hf_equivalents_table_lists_existing_hooks() -> None:
 
 
 def test_hook_names_follow_the_grammar() -> None:
-    pattern = re.compile(r"^on_((\w+)_(begin|end)|(before|after)_\w+|log|exception|save_checkpoint|load_checkpoint)$")
+    pattern = re.compile(
+        r"^on_((\w+)_(begin|end)|(before|after)_\w+|log|exception|save_checkpoint|load_checkpoint)$"
+    )
     for name in EVENTS:
         assert pattern.match(name), name

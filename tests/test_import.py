@@ -7,9 +7,21 @@ import subprocess
 import sys
 
 OPTIONAL_BACKENDS = [
-    "deepspeed", "torch_xla", "torch_npu", "accelerate", "transformers", "tensorboard",
-    "torch.utils.tensorboard", "mlflow", "wandb", "matplotlib", "tqdm", "safetensors",
-    "torch.distributed.fsdp", "torch.distributed.checkpoint", "torch.nn.parallel.distributed",
+    "deepspeed",
+    "torch_xla",
+    "torch_npu",
+    "accelerate",
+    "transformers",
+    "tensorboard",
+    "torch.utils.tensorboard",
+    "mlflow",
+    "wandb",
+    "matplotlib",
+    "tqdm",
+    "safetensors",
+    "torch.distributed.fsdp",
+    "torch.distributed.checkpoint",
+    "torch.nn.parallel.distributed",
 ]
 
 
@@ -34,7 +46,9 @@ def test_composing_a_run_imports_only_the_named_components() -> None:
         "import toy, treadle\n"
         "treadle.Run(toy.model(), toy.train_data(), loggers=['jsonl'], checkpoint=None)"
     )
-    modules = _modules_after(f"import sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0] + '/fixtures')!r})\n{code}")
+    modules = _modules_after(
+        f"import sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0] + '/fixtures')!r})\n{code}"
+    )
     plugins = sorted(m for m in modules if m.startswith("treadle.plugins."))
     assert plugins == [
         "treadle.plugins.loggers",

@@ -17,7 +17,9 @@ ROOT = Path(__file__).parents[1]
 
 
 def test_every_plugin_package_is_listed_for_the_build() -> None:
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
     found = {"treadle"} | {
         "treadle." + str(init.parent.relative_to(ROOT)).replace("/", ".")
         for init in (ROOT / "plugins").rglob("__init__.py")
@@ -36,22 +38,47 @@ def test_wheel_contents(tmp_path: Path) -> None:
     for name in ["core", "plugins"]:
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(source)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     wheel = next(tmp_path.glob("treadle-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in [
-        "treadle/__init__.py", "treadle/loop.py", "treadle/py.typed",
-        "treadle/plugins/strategies/single.py", "treadle/plugins/loggers/console.py",
+        "treadle/__init__.py",
+        "treadle/loop.py",
+        "treadle/py.typed",
+        "treadle/plugins/strategies/single.py",
+        "treadle/plugins/loggers/console.py",
         "treadle/plugins/optimizers.py",
     ]:
         assert required in names, required
     assert not [n for n in names if n.startswith(("core/", "plugins/", "tests/"))]
-    entry_points = zipfile.ZipFile(wheel).read(
-        next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    ).decode()
-    for group in ["treadle.strategy", "treadle.precision", "treadle.optimizer", "treadle.scheduler",
-                  "treadle.logger", "treadle.checkpoint", "treadle.plugin", "console_scripts"]:
+    entry_points = (
+        zipfile.ZipFile(wheel)
+        .read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))
+        .decode()
+    )
+    for group in [
+        "treadle.strategy",
+        "treadle.precision",
+        "treadle.optimizer",
+        "treadle.scheduler",
+        "treadle.logger",
+        "treadle.checkpoint",
+        "treadle.plugin",
+        "console_scripts",
+    ]:
         assert f"[{group}]" in entry_points, group

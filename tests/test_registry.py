@@ -73,7 +73,11 @@ def test_broken_entry_point_names_itself_and_breaks_only_its_runs(
     assert "RuntimeError: acme is broken" in message
     # the other plugin of the same distribution, and runs that do not name it, still work
     run = treadle.Run(
-        toy.model(), toy.train_data(), plugins=["acme-good"], loggers=[], checkpoint=None,
+        toy.model(),
+        toy.train_data(),
+        plugins=["acme-good"],
+        loggers=[],
+        checkpoint=None,
         config=treadle.Config(max_steps=3, output_dir=str(tmp_path)),
     )
     run.fit()
@@ -86,7 +90,9 @@ def test_same_name_from_two_distributions_is_reported_with_both(
     fake_dist: Callable[..., Path],
 ) -> None:
     fake_dist("acme-one", {"treadle.plugin": {"clash": "mod_one"}}, modules={"mod_one": ""})
-    fake_dist("acme-two", {"treadle.plugin": {"clash": "mod_two"}}, modules={"mod_two": ""}, version="2.5")
+    fake_dist(
+        "acme-two", {"treadle.plugin": {"clash": "mod_two"}}, modules={"mod_two": ""}, version="2.5"
+    )
     with pytest.raises(TreadleError) as info:
         registry.load("plugin", "clash")
     message = str(info.value)
@@ -96,11 +102,14 @@ def test_same_name_from_two_distributions_is_reported_with_both(
 
 def test_listing_reads_metadata_without_importing(fake_dist: Callable[..., Path]) -> None:
     fake_dist(
-        "acme-lister", {"treadle.logger": {"acme-log": "acme_never_imported:Logger"}},
+        "acme-lister",
+        {"treadle.logger": {"acme-log": "acme_never_imported:Logger"}},
         modules={"acme_never_imported": "raise SystemExit('must not be imported')"},
     )
     rows = [e for e in registry.installed() if e.distribution == "acme-lister"]
-    assert rows == [registry.Entry("logger", "acme-log", "acme_never_imported:Logger", "acme-lister", "1.0")]
+    assert rows == [
+        registry.Entry("logger", "acme-log", "acme_never_imported:Logger", "acme-lister", "1.0")
+    ]
     assert "acme_never_imported" not in sys.modules
 
 
@@ -110,7 +119,13 @@ def test_treadle_plugins_command_lists_by_kind_without_importing_plugins() -> No
         "bad = sorted(m for m in sys.modules if m.startswith('treadle.plugins.'));"
         "print('IMPORTED', bad)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert "strategy:" in out and "optimizer:" in out and "logger:" in out
-    assert "single" in out and "treadle 0.1.0" in out and "treadle.plugins.strategies.single:SingleDevice" in out
+    assert (
+        "single" in out
+        and "treadle 0.1.0" in out
+        and "treadle.plugins.strategies.single:SingleDevice" in out
+    )
     assert "IMPORTED []" in out

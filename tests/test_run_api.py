@@ -34,10 +34,17 @@ def test_components_as_names_mappings_and_instances(tmp_path: Path) -> None:
     optimizer_model = toy.model()
     optimizer = torch.optim.SGD(optimizer_model.parameters(), lr=0.1)
     run = treadle.Run(
-        optimizer_model, toy.train_data(), config=config(tmp_path),
-        strategy=SingleDevice(device="cpu"), precision={"name": "fp32"}, optimizer=optimizer,
-        scheduler=lambda opt, total_steps: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
-        loggers=[], checkpoint={"name": "safetensors"},
+        optimizer_model,
+        toy.train_data(),
+        config=config(tmp_path),
+        strategy=SingleDevice(device="cpu"),
+        precision={"name": "fp32"},
+        optimizer=optimizer,
+        scheduler=lambda opt, total_steps: torch.optim.lr_scheduler.StepLR(
+            opt, step_size=2, gamma=0.5
+        ),
+        loggers=[],
+        checkpoint={"name": "safetensors"},
     )
     logs = Logs()
     run.add_plugin(logs)
@@ -58,11 +65,17 @@ def test_plugins_as_module_name_mapping_and_object(tmp_path: Path) -> None:
     module.on_step_end = on_step_end  # type: ignore[attr-defined]
     logs = Logs()
     run = treadle.Run(
-        toy.model(), toy.train_data(), eval_data=toy.train_data(n=16),
+        toy.model(),
+        toy.train_data(),
+        eval_data=toy.train_data(n=16),
         config=config(tmp_path, max_steps=50, eval_every=1),
-        loggers=[], checkpoint=None,
-        plugins=[module, {"name": "early-stopping", "monitor": "eval/loss", "patience": 1,
-                          "threshold": 10.0}, logs],
+        loggers=[],
+        checkpoint=None,
+        plugins=[
+            module,
+            {"name": "early-stopping", "monitor": "eval/loss", "patience": 1, "threshold": 10.0},
+            logs,
+        ],
     )
     run.fit()
     assert module.steps == [1, 2]  # early stopping: no eval improves by 10.0 → stop after 1 bad
@@ -79,8 +92,14 @@ def test_loss_fn_with_tuple_batches_and_dataset_with_batch_size(tmp_path: Path) 
         seen_shapes.append(tuple(outputs.shape))
         return nn.functional.mse_loss(outputs.squeeze(-1), batch[1])
 
-    run = treadle.Run(model, dataset, config=config(tmp_path, max_steps=None, max_epochs=2, batch_size=8),
-                      loss_fn=loss_fn, loggers=[], checkpoint=None)
+    run = treadle.Run(
+        model,
+        dataset,
+        config=config(tmp_path, max_steps=None, max_epochs=2, batch_size=8),
+        loss_fn=loss_fn,
+        loggers=[],
+        checkpoint=None,
+    )
     run.fit()
     assert run.state.step == 8 and run.state.epoch == 2
     assert seen_shapes == [(8, 1)] * 8
@@ -99,9 +118,14 @@ def test_requests_are_acted_on_at_the_next_boundary(tmp_path: Path) -> None:
                 run.request_stop("enough")
 
     logs = Logs()
-    run = treadle.Run(toy.model(), toy.train_data(), eval_data=toy.train_data(n=16),
-                      config=config(tmp_path, max_steps=10, log_every=0, eval_at_end=False, save_at_end=False),
-                      loggers=[], plugins=[Requester(), logs])
+    run = treadle.Run(
+        toy.model(),
+        toy.train_data(),
+        eval_data=toy.train_data(n=16),
+        config=config(tmp_path, max_steps=10, log_every=0, eval_at_end=False, save_at_end=False),
+        loggers=[],
+        plugins=[Requester(), logs],
+    )
     run.fit()
     assert run.state.step == 3 and run.state.stop_reason == "enough"
     assert [sorted(r) for r in logs.records][:2] == [
@@ -113,8 +137,13 @@ def test_requests_are_acted_on_at_the_next_boundary(tmp_path: Path) -> None:
 
 
 def test_fit_again_keeps_optimizer_state_and_counts_on(tmp_path: Path) -> None:
-    run = treadle.Run(toy.model(), toy.train_data(), config=config(tmp_path, save_at_end=False),
-                      optimizer={"name": "adam", "lr": 0.01}, loggers=[])
+    run = treadle.Run(
+        toy.model(),
+        toy.train_data(),
+        config=config(tmp_path, save_at_end=False),
+        optimizer={"name": "adam", "lr": 0.01},
+        loggers=[],
+    )
     run.fit()
     optimizer = run.optimizer
     assert optimizer is not None
@@ -126,8 +155,9 @@ def test_fit_again_keeps_optimizer_state_and_counts_on(tmp_path: Path) -> None:
 
 
 def test_evaluate_named_sets_and_predict_order(tmp_path: Path) -> None:
-    run = treadle.Run(toy.model(), toy.train_data(), loggers=[], checkpoint=None,
-                      config=config(tmp_path))
+    run = treadle.Run(
+        toy.model(), toy.train_data(), loggers=[], checkpoint=None, config=config(tmp_path)
+    )
     a, b = toy.train_data(n=16, seed=1), toy.train_data(n=24, seed=2)
     metrics = run.evaluate({"a": a, "b": b})
     assert sorted(metrics) == ["a/loss", "b/loss"]
@@ -163,8 +193,13 @@ def test_custom_training_step_with_two_optimizers(tmp_path: Path) -> None:
 
     plugin = TwoUpdates()
     before = plugin.second.weight.detach().clone()
-    run = treadle.Run(toy.model(), toy.train_data(), config=config(tmp_path, save_at_end=False),
-                      loggers=[], plugins=[plugin])
+    run = treadle.Run(
+        toy.model(),
+        toy.train_data(),
+        config=config(tmp_path, save_at_end=False),
+        loggers=[],
+        plugins=[plugin],
+    )
     run.fit()
     assert plugin.calls == 4
     assert not torch.equal(before, plugin.second.weight)
@@ -178,14 +213,26 @@ def test_compute_loss_provider_wins_over_default(tmp_path: Path) -> None:
 
     model = toy.model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    treadle.Run(model, toy.train_data(), config=config(tmp_path, save_at_end=False),
-                optimizer={"name": "sgd", "lr": 0.5}, loggers=[], plugins=[ZeroLoss()]).fit()
+    treadle.Run(
+        model,
+        toy.train_data(),
+        config=config(tmp_path, save_at_end=False),
+        optimizer={"name": "sgd", "lr": 0.5},
+        loggers=[],
+        plugins=[ZeroLoss()],
+    ).fit()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_output_dir_and_hparams(tmp_path: Path) -> None:
-    run = treadle.Run(toy.model(), toy.train_data(), config=config(tmp_path / "deep" / "dir"),
-                      optimizer={"name": "adamw", "lr": 0.001}, loggers=[], checkpoint=None)
+    run = treadle.Run(
+        toy.model(),
+        toy.train_data(),
+        config=config(tmp_path / "deep" / "dir"),
+        optimizer={"name": "adamw", "lr": 0.001},
+        loggers=[],
+        checkpoint=None,
+    )
     hparams = run.hparams()
     assert hparams["max_steps"] == 4 and hparams["strategy"] == "single"
     assert hparams["optimizer"] == {"name": "adamw", "lr": 0.001}
@@ -198,7 +245,9 @@ def test_public_surface_is_small_and_typed() -> None:
     from importlib import resources
 
     assert resources.files("treadle").joinpath("py.typed").is_file()
-    assert "treadle.plugins.precision" in sys.modules  # imported by this test module, not by treadle
+    assert (
+        "treadle.plugins.precision" in sys.modules
+    )  # imported by this test module, not by treadle
 
 
 def test_standard_dataloaders_are_resampled_even_over_plain_lists(tmp_path: Path) -> None:
@@ -206,7 +255,9 @@ def test_standard_dataloaders_are_resampled_even_over_plain_lists(tmp_path: Path
     from treadle.data import ResumableSampler
 
     rows = [{"x": torch.randn(4), "y": torch.randn(())} for _ in range(10)]
-    run = treadle.Run(toy.model(), rows, config=config(tmp_path, seed=3), loggers=[], checkpoint=None)
+    run = treadle.Run(
+        toy.model(), rows, config=config(tmp_path, seed=3), loggers=[], checkpoint=None
+    )
     for shuffle in (True, False):
         given = torch.utils.data.DataLoader(rows, batch_size=4, shuffle=shuffle)
         loader = defaults.make_train_loader(run, given)
@@ -215,3 +266,14 @@ def test_standard_dataloaders_are_resampled_even_over_plain_lists(tmp_path: Path
         assert [len(b["x"]) for b in loader] == [4, 4, 2]
     custom = torch.utils.data.DataLoader(rows, batch_sampler=[[0, 1], [2, 3]])
     assert defaults.make_train_loader(run, custom) is custom  # a custom sampler is kept
+
+
+def test_single_device_cuda_without_index_means_the_current_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from treadle.plugins.strategies import single
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert single._choose("cuda") == torch.device("cuda", 3)
+    assert single._choose("cuda:1") == torch.device("cuda", 1)

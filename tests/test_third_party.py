@@ -76,7 +76,9 @@ print("OK")
 def _pip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -85,7 +87,10 @@ def _run_user_script(tmp_path: Path, out: Path) -> subprocess.CompletedProcess[s
     script.write_text(USER_SCRIPT)
     fixtures = str(Path(__file__).parent / "fixtures")
     return subprocess.run(
-        [sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=120,
+        [sys.executable, str(script), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"PYTHONPATH": fixtures, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
     )
 

@@ -21,11 +21,14 @@ def test_training_reduces_loss_below_bound(tmp_path: Path) -> None:
     model = toy.model(width=32)
     data = toy.train_data(n=256, batch_size=16)
     run = treadle.Run(
-        model, data, eval_data=data,
+        model,
+        data,
+        eval_data=data,
         config=treadle.Config(max_epochs=30, log_every=16, output_dir=str(tmp_path)),
         optimizer={"name": "adamw", "lr": 0.03, "weight_decay": 0.0},
         scheduler={"name": "cosine", "warmup_steps": 20},
-        loggers=[], checkpoint=None,
+        loggers=[],
+        checkpoint=None,
     )
     before = run.evaluate()["eval/loss"]
     run.fit()
@@ -69,19 +72,25 @@ def test_toml_run_gives_the_same_weights_as_the_python_api(tmp_path: Path) -> No
     env = {**os.environ, "PYTHONPATH": FIXTURES}
     result = subprocess.run(
         [sys.executable, "-m", "treadle", "run", str(run_file)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
 
     treadle.seed_everything(7)
     model = toy.model()
     run = treadle.Run(
-        model, toy.train_data(n=96, batch_size=8),
-        config=treadle.Config(max_steps=20, grad_accum_steps=2, seed=7, log_every=5,
-                              output_dir=str(python_out)),
+        model,
+        toy.train_data(n=96, batch_size=8),
+        config=treadle.Config(
+            max_steps=20, grad_accum_steps=2, seed=7, log_every=5, output_dir=str(python_out)
+        ),
         optimizer={"name": "adamw", "lr": 0.05, "weight_decay": 0.01},
         scheduler={"name": "cosine", "warmup_steps": 3},
-        loggers=["jsonl"], checkpoint="safetensors",
+        loggers=["jsonl"],
+        checkpoint="safetensors",
     )
     run.fit()
 
@@ -104,7 +113,9 @@ def test_toml_overrides_and_errors(tmp_path: Path) -> None:
     sys.path.insert(0, FIXTURES)
     run = build_run(run_file, {"max_steps": 4})
     assert run.config.max_steps == 4 and run.config.seed == 7
-    run_file.write_text('model = "toy:model"\ntrain_data = "toy:train_data"\n[config]\nmax_stpes = 3\n')
+    run_file.write_text(
+        'model = "toy:model"\ntrain_data = "toy:train_data"\n[config]\nmax_stpes = 3\n'
+    )
     try:
         build_run(run_file)
     except treadle.ConfigError as exc:
@@ -125,7 +136,10 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
     run_file.write_text('model = "toy:model"\ntrain_data = "toy:train_data"\nstrategy = "dpp"\n')
     result = subprocess.run(
         [sys.executable, "-m", "treadle", "run", str(run_file)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": FIXTURES}, timeout=60,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": FIXTURES},
+        timeout=60,
     )
     assert result.returncode == 2
     assert result.stderr.startswith("treadle: error: unknown strategy 'dpp'.")

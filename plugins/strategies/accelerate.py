@@ -270,26 +270,7 @@ class AccelerateStrategy(TorchDistributed):
         """
         accelerator = self.accelerator
         accelerator.unscale_gradients(optimizer)
-        done = accelerator.gradient_accumulation_steps
-        if isinstance(divisor, torch.Tensor):
-            tokens = divisor.detach().clone()
-            if self.world_size > 1:
-                tokens = self.all_reduce(tokens, "mean")
-            divisor = tokens.clamp_min(1) / done
-        else:
-            divisor = divisor / done
-            if divisor == 1:
-                return
-        grads = [
-            p.grad
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
-        if grads:
-            if isinstance(divisor, torch.Tensor):
-                divisor = divisor.to(device=grads[0].device, dtype=grads[0].dtype)
-            torch._foreach_div_(grads, divisor)
+        self.divide_gradients(optimizer, divisor, done=accelerator.gradient_accumulation_steps)
 
     def clip_grad_norm(
         self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0

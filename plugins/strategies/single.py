@@ -49,4 +49,7 @@ def _choose(device: str) -> torch.device:
         raise ConfigError(
             "strategy 'single': device='cuda' was asked for, but CUDA is not available"
         )
+    if chosen.type == "cuda" and chosen.index is None:
+        # torch.cuda.set_device needs an index: "cuda" means the current device
+        chosen = torch.device("cuda", torch.cuda.current_device())
     return chosen

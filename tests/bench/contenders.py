@@ -27,7 +27,7 @@ from torch import nn
 
 from tests.bench.workloads import Batch
 
-__all__ = ["CONTENDERS", "REQUIRES", "Context"]
+__all__ = ["CONTENDERS", "Context"]
 
 LOG_EVERY = 50  # every framework's training log interval (treadle's and Lightning's default)
 
@@ -145,10 +145,10 @@ def hf(ctx: Context) -> None:
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainingArguments
 
-    class InOrder(Trainer):  # type: ignore[misc]
+    class InOrder(Trainer):
         # the same batch order as the other contenders (the Trainer shuffles by default)
         def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
-            return SequentialSampler(self.train_dataset)
+            return SequentialSampler(range(len(ctx.batches)))
 
     on_cpu = ctx.device.type == "cpu"
     args = TrainingArguments(
@@ -182,7 +182,7 @@ def lightning(ctx: Context) -> None:
     """``lightning.pytorch.Trainer`` with its defaults, minus logger, checkpoints and summary."""
     import lightning.pytorch as pl
 
-    class Module(pl.LightningModule):  # type: ignore[misc]
+    class Module(pl.LightningModule):
         def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
             super().__init__()
             self.model = model
@@ -217,10 +217,4 @@ CONTENDERS: dict[str, Callable[[Context], None]] = {
     "treadle-default": treadle_default,
     "hf": hf,
     "lightning": lightning,
-}
-
-#: the modules each contender needs beyond torch and treadle (skipped, with a note, without)
-REQUIRES: dict[str, tuple[str, ...]] = {
-    "hf": ("transformers", "accelerate"),
-    "lightning": ("lightning",),
 }

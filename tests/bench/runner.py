@@ -49,9 +49,16 @@ IMPORTS = (
 # ------------------------------------------------------------------ processes
 
 
-def child_env(cuda: bool = False) -> dict[str, str]:
-    """The environment of every worker: one thread, offline, the same hash seed."""
+def child_env(pycache: Path, cuda: bool = False) -> dict[str, str]:
+    """The environment of every worker: one thread, offline, the same hash seed.
+
+    Byte code is cached under ``pycache`` (``PYTHONPYCACHEPREFIX``) even where the environment
+    says not to write it: an installed package has its ``.pyc`` files, and a source file
+    compiled again at every import would be charged to the import time of whoever imports it.
+    """
     env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(pycache.resolve())
     env.update(
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
@@ -223,14 +230,16 @@ def summarise_imports(records: list[dict[str, Any]], names: Sequence[str]) -> li
         row.rounds = len(good)
         if good:
             q1, q2, q3 = quartiles([r["import_s"] for r in good])
-            e1, e2, e3 = quartiles([r["over_first_s"] for r in good])
+            # the second import alone (none for the ``import torch`` row)
+            extra = [x * 1e3 for x in quartiles([r["over_first_s"] for r in good])]
+            e1, e2, e3 = extra if dict(IMPORTS)[name] else (None, None, None)
             row.values = {
                 "import_ms_median": q2 * 1e3,
                 "import_ms_q1": q1 * 1e3,
                 "import_ms_q3": q3 * 1e3,
-                "over_torch_ms": e2 * 1e3,
-                "over_torch_ms_q1": e1 * 1e3,
-                "over_torch_ms_q3": e3 * 1e3,
+                "over_torch_ms": e2,
+                "over_torch_ms_q1": e1,
+                "over_torch_ms_q3": e3,
                 "peak_rss_mb": median(r["peak_rss_mb"] for r in good),
                 "cpu_s": median(r["cpu_user_s"] + r["cpu_sys_s"] for r in good),
             }
@@ -335,7 +344,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def environment() -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in ("torch", "treadle", "transformers", "accelerate", "lightning", "pluggy"):
         try:
             versions[dist] = metadata.version(dist)
@@ -396,7 +405,7 @@ def markdown(
                 f"{_fmt(v['throughput_ratio'], 3)} | {_fmt(v['cpu_ratio'], 3)} | "
                 f"{_fmt(v['first_step_s'])} | {_fmt(v['first_step_ratio'])} | "
                 f"{_fmt(v['peak_rss_mb'], 0)} | {_fmt(v['rss_delta_mb'], 1)} | "
-                f"{v['final_loss']:.6f} | {_fmt(v['same_as_bare'])} |"
+                f"{v['final_loss']:.6f} | {_same(r.contender, v['same_as_bare'])} |"
             )
         lines.append("")
     startup = [r for r in rows if r.workload == "startup"]
@@ -415,7 +424,7 @@ def markdown(
                 f"| `{dict(IMPORTS)[r.contender] or 'import torch'}` | {_fmt(v['import_ms_median'], 0)} | "
                 f"{_fmt(v['import_ms_q1'], 0)}..{_fmt(v['import_ms_q3'], 0)} | "
                 f"{_fmt(v['over_torch_ms'], 1)} | "
-                f"{_fmt(v['over_torch_ms_q1'], 1)}..{_fmt(v['over_torch_ms_q3'], 1)} | "
+                f"{_range(v['over_torch_ms_q1'], v['over_torch_ms_q3'], 1)} | "
                 f"{_fmt(v['peak_rss_mb'], 0)} |"
             )
         lines.append("")
@@ -431,6 +440,17 @@ def markdown(
         lines.append("")
     lines += [f"- {note}" for note in notes]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _range(low: float | None, high: float | None, digits: int) -> str:
+    return "—" if low is None or high is None else f"{_fmt(low, digits)}..{_fmt(high, digits)}"
+
+
+def _same(contender: str, same: bool | None) -> str:
+    """Asserted for treadle (it must do the bare loop's arithmetic); informative for peers."""
+    if same is None or contender in TREADLE:
+        return _fmt(same)
+    return "yes" if same else "no"
 
 
 def _short(errors: Sequence[str]) -> str:
@@ -497,10 +517,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--batch-size", type=int, help="--cuda: batch size (default: fill the device)"
     )
     parser.add_argument("--peak-tflops", type=float, help="--cuda: the device's dense bf16 peak")
+    parser.add_argument("--device", help="--cuda: the device (default cuda; cpu for a smoke test)")
+    parser.add_argument("--seq-len", type=int, help="--cuda: tokens per sample (default 1024)")
     return parser.parse_args(argv)
 
 
-def import_spec(name: str) -> dict[str, Any]:
+def import_spec(name: str, warm_up: bool = False) -> dict[str, Any]:
     statement = dict(IMPORTS)[name]
     return {"kind": "import", "statements": ["import torch"] + ([statement] if statement else [])}
 
@@ -526,7 +548,14 @@ def alternate(
     timeout: float,
     recorder: Recorder,
 ) -> list[dict[str, Any]]:
-    """Run ``names`` in turn, ``rounds`` times; one fresh process each."""
+    """Run ``names`` in turn, ``rounds`` times; one fresh process each.
+
+    A first, untimed round (``make_spec(name, warm_up=True)``) fills the byte-code and file
+    caches, so that the first timed process of each contender starts as the others do.
+    """
+    for name in names:
+        result = spawn(make_spec(name, warm_up=True), env, timeout)
+        print(f"[{workload} warm-up] {name}: {_progress(result)}", file=sys.stderr, flush=True)
     records = []
     for round_ in range(rounds):
         for name in names:
@@ -544,7 +573,7 @@ def alternate(
 
 def _progress(result: Mapping[str, Any]) -> str:
     if "error" in result:
-        return "FAILED " + result["error"].splitlines()[-1][:200]
+        return "FAILED " + str(result["error"]).splitlines()[-1][:200]
     if "import_s" in result:
         return f"import {result['import_s'] * 1e3:.0f} ms"
     times = result["step_times_s"]
@@ -567,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recorder = Recorder(out / "raw.jsonl")
-    env = child_env()
+    env = child_env(out / "pycache")
     notes: list[str] = []
     wanted = [c.strip() for c in args.contenders.split(",") if c.strip()]
     unknown = [c for c in wanted if c not in CONTENDERS]
@@ -604,15 +633,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup = args.warmup or (workload.quick_warmup if args.quick else workload.warmup)
 
         def spec(
-            contender: str, workload: Any = workload, steps: int = steps, warmup: int = warmup
+            contender: str,
+            warm_up: bool = False,
+            workload: Any = workload,
+            steps: int = steps,
+            warmup: int = warmup,
         ) -> dict[str, Any]:
             return {
                 "kind": "train",
                 "workload": workload.name,
                 "contender": contender,
                 "device": "cpu",
-                "warmup": warmup,
-                "steps": steps,
+                "warmup": 1 if warm_up else warmup,
+                "steps": 2 if warm_up else steps,
                 "batch_size": workload.batch_size,
                 "seq_len": workload.seq_len,
             }
@@ -654,8 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     # the suite's one assertion: treadle does the bare loop's arithmetic, exactly
     if differs:
-        names = ", ".join(f"{r.workload}/{r.contender}" for r in differs)
-        print(f"FAILED: {names} did not end with the bare loop's weights", file=sys.stderr)
+        which = ", ".join(f"{r.workload}/{r.contender}" for r in differs)
+        print(f"FAILED: {which} did not end with the bare loop's weights", file=sys.stderr)
         return 1
     return 1 if failed else 0
 

@@ -137,10 +137,53 @@ def run_train(spec: dict[str, Any], t0: float) -> dict[str, Any]:
     }
 
 
+def run_probe(spec: dict[str, Any], t0: float) -> dict[str, Any]:
+    """The largest candidate batch size whose bare bf16 steps peak under 90% of the device."""
+    import gc
+
+    import torch
+
+    device = torch.device(spec["device"])
+    if device.type != "cuda":  # a smoke test on the CPU: the smallest, nothing to fill
+        return {"batch_size": spec["candidates"][-1], "peak_gb": 0.0, "total_gb": 0.0}
+    total = torch.cuda.get_device_properties(device).total_memory
+    for batch_size in spec["candidates"]:
+        try:
+            peak = _peak_memory(spec["workload"], batch_size, int(spec["seq_len"]), device)
+        except torch.cuda.OutOfMemoryError:
+            peak = None
+        gc.collect()  # the attempt's model and activations, before the next one
+        torch.cuda.empty_cache()
+        if peak is not None and peak <= 0.9 * total:
+            return {"batch_size": batch_size, "peak_gb": peak / 2**30, "total_gb": total / 2**30}
+    raise RuntimeError(f"no batch size in {spec['candidates']} fits the device")
+
+
+def _peak_memory(workload: str, batch_size: int, seq_len: int, device: Any) -> int:
+    import torch
+
+    from tests.bench import workloads
+
+    model, batches = workloads.WORKLOADS[workload].build(batch_size, seq_len)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    torch.cuda.reset_peak_memory_stats(device)
+    batch = {k: v.to(device) for k, v in batches[0].items()}
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
 def main(argv: list[str]) -> int:
     t0 = float(os.environ.get("TREADLE_BENCH_T0", time.time()))
     spec = json.loads(argv[0])
-    result = run_import(spec, t0) if spec["kind"] == "import" else run_train(spec, t0)
+    kinds = {"import": run_import, "train": run_train, "probe": run_probe}
+    result = kinds[spec["kind"]](spec, t0)
     sys.stdout.flush()
     print(MARK + json.dumps(result), flush=True)
     return 0

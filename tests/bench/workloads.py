@@ -209,7 +209,7 @@ WORKLOADS: dict[str, Workload] = {
     # the GPU variant (``python -m tests.bench --cuda``); the batch size is chosen to fill the device
     "gpt2-124m": Workload(
         name="gpt2-124m",
-        description="GPT-2 124M (GPT2Config defaults), seq 1024, bf16-mixed, fused AdamW",
+        description="GPT-2 124M (GPT2Config defaults), bf16-mixed, fused AdamW",
         build=build_gpt2_124m,
         batch_size=8,
         seq_len=1024,
