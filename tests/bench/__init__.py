@@ -14,6 +14,7 @@ Modules:
     worker: the child process that runs one contender on one workload and reports JSON.
     runner: the command line, the alternation, the statistics and the CSV / Markdown output.
     cuda: the GPU variant (GPT-2 124M, bf16-mixed, tokens/s and model FLOPs utilisation).
+    profile: where a contender's time goes (cProfile, or instruction counts under valgrind).
 
 This package is not collected by the default test run (``norecursedirs`` in pyproject.toml):
 timings are never asserted in CI.
