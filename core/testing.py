@@ -131,7 +131,9 @@ def run_distributed(
         "init_process_group": init_process_group,
         "timeout": timeout,
         "parent": os.getpid(),
-        "deadline": time.time() + timeout,
+        # the ranks' own watchdog is a backstop for a parent that died: it fires a little after
+        # the parent's timeout, so that a timeout is reported as one
+        "deadline": time.time() + timeout + 10,
     }
     try:
         text = json.dumps(spec)
