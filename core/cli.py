@@ -191,54 +191,32 @@ def launch_argv(argv: Sequence[str]) -> list[str]:
     return [*flags, "-m", "treadle", "run", *tail]
 
 
-_LAUNCHERS = ("torchrun", "deepspeed")
-
-
 def split_launcher(argv: Sequence[str]) -> tuple[str, list[str]]:
-    """``--launcher NAME`` (first, if given) and the rest: ``("torchrun", argv)`` by default."""
+    """``--launcher NAME`` (first, if given) and the rest: ``("torchrun", argv)`` by default.
+
+    A launcher other than torchrun is a strategy's own (its class's ``launch(argv)``, e.g.
+    ``--launcher deepspeed``): the kernel knows no launcher but torch's.
+    """
     argv = list(argv)
     name = "torchrun"
     if argv[:1] == ["--launcher"]:
         if len(argv) < 2:
-            raise ConfigError(f"--launcher needs a name: one of {', '.join(_LAUNCHERS)}")
+            raise ConfigError("--launcher needs a name: torchrun, or a strategy with a launcher")
         name, argv = argv[1], argv[2:]
     elif argv and argv[0].startswith("--launcher="):
         name, argv = argv[0].partition("=")[2], argv[1:]
-    if name not in _LAUNCHERS:
-        raise ConfigError(f"--launcher {name!r}: use one of {', '.join(_LAUNCHERS)}")
     return name, argv
 
 
-def deepspeed_launch_argv(argv: Sequence[str]) -> list[str]:
-    """The DeepSpeed launcher's argv for ``treadle launch --launcher deepspeed [deepspeed
-    options] RUN.toml [run options]``: its options pass through unchanged, and each process
-    runs ``python -m treadle run RUN.toml [run options]`` (without a ``--local_rank``
-    argument; the rank is in the environment, as for torchrun).
-    """
-    from treadle.errors import require
-
-    require("deepspeed", extra="deepspeed", what="treadle launch --launcher deepspeed")
-    from deepspeed.launcher import runner
-
-    args = runner.parse_args(list(argv))
-    if args.module or args.no_python:
+def _strategy_launch(name: str, argv: Sequence[str]) -> int:
+    strategy = registry.load("strategy", name)
+    launch = getattr(strategy, "launch", None)
+    if launch is None:
         raise ConfigError(
-            "treadle launch starts `python -m treadle run RUN.toml`; the deepspeed launcher's "
-            "--module and --no_python do not apply (use `deepspeed` directly for another program)"
+            f"--launcher {name!r}: strategy {name!r} has no launcher of its own; "
+            "use the default (torchrun)"
         )
-    tail = [args.user_script, *args.user_args]
-    flags = list(argv)[: len(argv) - len(tail)]
-    return [*flags, "--no_local_rank", "--module", "treadle", "run", *tail]
-
-
-def _deepspeed_launch(argv: Sequence[str]) -> int:
-    from deepspeed.launcher import runner
-
-    try:
-        runner.main(deepspeed_launch_argv(argv))
-    except SystemExit as exc:  # the launcher exits with its workers' failing exit code
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
+    return int(launch(list(argv)))
 
 
 def _cmd_launch(argv: Sequence[str]) -> int:
@@ -246,8 +224,8 @@ def _cmd_launch(argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     launcher, argv = split_launcher(argv)
-    if launcher == "deepspeed":
-        return _deepspeed_launch(argv)
+    if launcher != "torchrun":
+        return _strategy_launch(launcher, argv)
     try:
         torchrun.main(launch_argv(argv))
     except ChildFailedError as exc:

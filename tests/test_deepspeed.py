@@ -22,8 +22,9 @@ import ds_workers
 
 import treadle
 from treadle import checkpoint, registry, testing
-from treadle.errors import ConfigError, TreadleError
+from treadle.errors import ConfigError, TreadleError, UnknownNameError
 from treadle.plugins.checkpoint.deepspeed_format import DeepSpeedFormat
+from treadle.plugins.strategies import deepspeed as deepspeed_strategy
 from treadle.plugins.strategies.deepspeed import DeepSpeedStrategy
 
 #: float32 sums taken in another order (reduction across ranks, partition flattening)
@@ -327,16 +328,19 @@ def test_the_deepspeed_launcher_gets_its_options_and_treadle_run() -> None:
          "--set", "max_steps=5"]
     )  # fmt: skip
     assert launcher == "deepspeed"
-    assert cli.deepspeed_launch_argv(rest) == [
+    assert deepspeed_strategy.launch_argv(rest) == [
         "--num_gpus", "2", "--master_port", "29600", "--no_local_rank", "--module",
         "treadle", "run", "run.toml", "--set", "max_steps=5",
     ]  # fmt: skip
     assert cli.split_launcher(["--launcher=torchrun", "run.toml"]) == ("torchrun", ["run.toml"])
     assert cli.split_launcher(["--nproc-per-node", "2", "run.toml"])[0] == "torchrun"
-    with pytest.raises(ConfigError, match="use one of torchrun, deepspeed"):
-        cli.split_launcher(["--launcher", "mpirun", "run.toml"])
+    # a launcher other than torchrun is a strategy's own: the kernel names none
+    with pytest.raises(UnknownNameError, match="unknown strategy 'mpirun'"):
+        cli._strategy_launch("mpirun", ["run.toml"])
+    with pytest.raises(ConfigError, match="strategy 'ddp' has no launcher of its own"):
+        cli._strategy_launch("ddp", ["run.toml"])
     with pytest.raises(ConfigError, match="--module and --no_python"):
-        cli.deepspeed_launch_argv(["--module", "run.toml"])
+        deepspeed_strategy.launch_argv(["--module", "run.toml"])
 
 
 @pytest.mark.multiprocess

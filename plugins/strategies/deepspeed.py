@@ -33,7 +33,7 @@ import copy
 import importlib.util
 import json
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -283,6 +283,21 @@ class DeepSpeedStrategy(TorchDistributed):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return isinstance(self._optimizer, DeepSpeedCPUAdam)
+
+    # ------------------------------------------------------------------ launching
+
+    @staticmethod
+    def launch(argv: list[str]) -> int:
+        """``treadle launch --launcher deepspeed [deepspeed options] RUN.toml [run options]``:
+        DeepSpeed's own launcher starts ``python -m treadle run RUN.toml`` in each process.
+        """
+        from deepspeed.launcher import runner
+
+        try:
+            runner.main(launch_argv(argv))
+        except SystemExit as exc:  # the launcher exits with its workers' failing exit code
+            return exc.code if isinstance(exc.code, int) else 1
+        return 0
 
     # ------------------------------------------------------------------ set-up
 
@@ -664,3 +679,23 @@ def _as_cpu_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         weight_decay=defaults["weight_decay"],
         adamw_mode=isinstance(optimizer, torch.optim.AdamW),
     )
+
+
+def launch_argv(argv: Sequence[str]) -> list[str]:
+    """The DeepSpeed launcher's argv for ``treadle launch --launcher deepspeed [deepspeed
+    options] RUN.toml [run options]``: its options pass through unchanged, and each process
+    runs ``python -m treadle run RUN.toml [run options]`` (without a ``--local_rank``
+    argument; the rank is in the environment, as for torchrun).
+    """
+    require("deepspeed", extra="deepspeed", what="treadle launch --launcher deepspeed")
+    from deepspeed.launcher import runner
+
+    args = runner.parse_args(list(argv))
+    if args.module or args.no_python:
+        raise ConfigError(
+            "treadle launch starts `python -m treadle run RUN.toml`; the deepspeed launcher's "
+            "--module and --no_python do not apply (use `deepspeed` directly for another program)"
+        )
+    tail = [args.user_script, *args.user_args]
+    flags = list(argv)[: len(argv) - len(tail)]
+    return [*flags, "--no_local_rank", "--module", "treadle", "run", *tail]
