@@ -27,12 +27,9 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from treadle.components import Logger
-from treadle.errors import ConfigError
-from treadle.hookspecs import hookimpl
-from treadle.plugins.loggers.jsonl import _write_atomic, flatten
+from treadle.plugins.loggers.jsonl import FileLogger, _ends_with_newline, _write_atomic, flatten
 
 if TYPE_CHECKING:
     from treadle.run import Run
@@ -62,7 +59,7 @@ def _rows_text(rows: list[list[str]]) -> str:
     return buffer.getvalue()
 
 
-class CsvLogger(Logger):
+class CsvLogger(FileLogger):
     """Metrics as CSV rows, plus ``hparams.csv``; main process only.
 
     Options:
@@ -72,28 +69,14 @@ class CsvLogger(Logger):
     """
 
     name: ClassVar[str] = "csv"
+    default_file: ClassVar[str] = "metrics.csv"
 
     def __init__(
         self, path: str | os.PathLike[str] | None = None, rewind_on_resume: bool = True
     ) -> None:
-        if path is not None and (not isinstance(path, str | os.PathLike) or not os.fspath(path)):
-            raise ConfigError(
-                f"csv logger option path = {path!r} is not allowed: expected a file path "
-                "(str or os.PathLike), or None for <output_dir>/metrics.csv"
-            )
-        if not isinstance(rewind_on_resume, bool):
-            raise ConfigError(
-                f"csv logger option rewind_on_resume = {rewind_on_resume!r} is not allowed: "
-                "expected True or False"
-            )
-        self.path = path
-        self.rewind_on_resume = rewind_on_resume
-        self._file: IO[str] | None = None
+        super().__init__(path, rewind_on_resume)
         self._writer: Any = None
         self._columns: list[str] = []
-        self._resuming_at: int | None = None
-        #: where metrics are written; set by ``start``.
-        self.metrics_path: Path | None = None
 
     # ------------------------------------------------------------------ Logger interface
 
@@ -107,10 +90,7 @@ class CsvLogger(Logger):
         ]
         _write_atomic(output_dir / "hparams.csv", _rows_text(rows))
 
-        path = output_dir / "metrics.csv"
-        if self.path is not None:
-            path = Path(self.path).expanduser()
-            path = path if path.is_absolute() else output_dir / path
+        path = self._resolve(run)
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = self._read(path)
         header, body = (rows[0], rows[1:]) if rows else ([], [])
@@ -149,16 +129,6 @@ class CsvLogger(Logger):
             self._file.close()
             self._file = self._writer = None
 
-    # ------------------------------------------------------------------ hooks
-
-    @hookimpl
-    def on_fit_begin(self, run: Run) -> None:
-        step = run.state.step
-        if self.rewind_on_resume and step > 0 and not self._started:
-            self._resuming_at = step
-        super().on_fit_begin(run)
-        self._resuming_at = None
-
     # ------------------------------------------------------------------ internals
 
     def _open(self) -> None:
@@ -190,11 +160,3 @@ def _step(row: list[str]) -> int:
         return int(row[0])
     except (ValueError, IndexError):
         return -1
-
-
-def _ends_with_newline(path: Path) -> bool:
-    if path.stat().st_size == 0:
-        return True
-    with path.open("rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"

@@ -111,34 +111,27 @@ def _step_of(line: str) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else -1
 
 
-class JsonlLogger(Logger):
-    """Metrics as JSON Lines, plus ``hparams.json``; main process only.
-
-    Options:
-        path: the metrics file; relative paths are taken relative to ``run.output_dir``.
-            Default ``run.output_dir / "metrics.jsonl"``.
-        rewind_on_resume: when a fit resumes at step N, drop lines with ``step > N`` first.
+class FileLogger(Logger):
+    """A logger that writes one metrics file (``jsonl``, ``csv``): the ``path`` and
+    ``rewind_on_resume`` options, where the file goes, and noting a resumed fit's step so that
+    ``start`` can drop what was logged after it.
     """
 
-    name: ClassVar[str] = "jsonl"
+    #: the metrics file's name in ``run.output_dir`` when ``path`` is not given
+    default_file: ClassVar[str]
 
     def __init__(
         self, path: str | os.PathLike[str] | None = None, rewind_on_resume: bool = True
     ) -> None:
-        if path is not None and not isinstance(path, str | os.PathLike):
+        if path is not None and (not isinstance(path, str | os.PathLike) or not os.fspath(path)):
             raise ConfigError(
-                f"jsonl logger option path = {path!r} is not allowed: "
-                "expected a file path (str or os.PathLike), or None for "
-                "<output_dir>/metrics.jsonl"
-            )
-        if path is not None and not os.fspath(path):
-            raise ConfigError(
-                "jsonl logger option path = '' is not allowed: expected a file path, or None"
+                f"{self.name} logger option path = {path!r} is not allowed: expected a file "
+                f"path (str or os.PathLike), or None for <output_dir>/{self.default_file}"
             )
         if not isinstance(rewind_on_resume, bool):
             raise ConfigError(
-                f"jsonl logger option rewind_on_resume = {rewind_on_resume!r} is not allowed: "
-                "expected True or False"
+                f"{self.name} logger option rewind_on_resume = {rewind_on_resume!r} is not "
+                "allowed: expected True or False"
             )
         self.path = path
         self.rewind_on_resume = rewind_on_resume
@@ -150,9 +143,32 @@ class JsonlLogger(Logger):
     def _resolve(self, run: Run) -> Path:
         output_dir = Path(run.output_dir)
         if self.path is None:
-            return output_dir / "metrics.jsonl"
+            return output_dir / self.default_file
         path = Path(self.path).expanduser()
         return path if path.is_absolute() else output_dir / path
+
+    @hookimpl
+    def on_fit_begin(self, run: Run) -> None:
+        # Only a fit that starts from a restored step rewinds; ``start`` does the work (it runs
+        # inside the base hook below, and only on the main process).
+        step = run.state.step
+        if self.rewind_on_resume and step > 0 and not self._started:
+            self._resuming_at = step
+        super().on_fit_begin(run)
+        self._resuming_at = None
+
+
+class JsonlLogger(FileLogger):
+    """Metrics as JSON Lines, plus ``hparams.json``; main process only.
+
+    Options:
+        path: the metrics file; relative paths are taken relative to ``run.output_dir``.
+            Default ``run.output_dir / "metrics.jsonl"``.
+        rewind_on_resume: when a fit resumes at step N, drop lines with ``step > N`` first.
+    """
+
+    name: ClassVar[str] = "jsonl"
+    default_file: ClassVar[str] = "metrics.jsonl"
 
     # ------------------------------------------------------------------ Logger interface
 
@@ -191,18 +207,6 @@ class JsonlLogger(Logger):
             self._file.close()
             self._file = None
 
-    # ------------------------------------------------------------------ hooks
-
-    @hookimpl
-    def on_fit_begin(self, run: Run) -> None:
-        # Only a fit that starts from a restored step rewinds; ``start`` does the work (it runs
-        # inside the base hook below, and only on the main process).
-        step = run.state.step
-        if self.rewind_on_resume and step > 0 and not self._started:
-            self._resuming_at = step
-        super().on_fit_begin(run)
-        self._resuming_at = None
-
     # ------------------------------------------------------------------ internals
 
     @staticmethod
@@ -221,6 +225,8 @@ class JsonlLogger(Logger):
 
 
 def _ends_with_newline(path: Path) -> bool:
+    if path.stat().st_size == 0:
+        return True
     with path.open("rb") as handle:
         handle.seek(-1, os.SEEK_END)
         return handle.read(1) == b"\n"
