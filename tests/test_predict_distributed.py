@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 import treadle
 from treadle.components import Strategy
 from treadle.errors import TreadleWarning
-from treadle.loop import interleave_order
+from treadle.gather import interleave_order
 from treadle.plugins.strategies.single import SingleDevice
 
 FIXTURES = Path(__file__).parent / "fixtures"
