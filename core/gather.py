@@ -17,7 +17,7 @@ from treadle.errors import TreadleError, TreadleWarning
 if TYPE_CHECKING:
     from treadle.run import Run
 
-__all__ = ["collect", "interleave_order", "layout", "row_count", "take"]
+__all__ = ["collect", "first_rows", "interleave_order", "layout", "real_rows", "row_count", "take"]
 
 #
 # A distributed sampler (treadle's ResumableSampler, torch's DistributedSampler) pads the data
@@ -43,6 +43,50 @@ def layout(run: Run, loader: Any) -> tuple[int, int] | None:
     if isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1:
         return len(sampler.dataset), sampler.num_replicas  # type: ignore[arg-type]
     return None
+
+
+def real_rows(run: Run, loader: Any) -> int | None:
+    """How many of this rank's samples are real, not the sampler's padding; None where every
+    sample is real or the layout is unknown (one process, a loader treadle did not shard).
+
+    Rank r's i-th sample is at position i * world + r, so its padding (at most one sample) is
+    at the end of its list, after the first ``ceil((length - r) / world)`` samples.
+    """
+    shape = layout(run, loader)
+    if shape is None:
+        return None
+    length, world = shape
+    rank: int = loader.sampler.rank
+    share: int = loader.sampler.num_samples
+    return min(share, max(0, -(-(length - rank) // world)))
+
+
+def first_rows(value: Any, keep: int, rows: int) -> Any:
+    """``value`` (a batch, or outputs computed from one) with only its first ``keep`` of
+    ``rows`` samples.
+
+    Every tensor whose first dimension is ``rows`` is sliced, and so is a list or tuple of that
+    length holding no tensors (strings or numbers, one per sample); mappings and other
+    sequences are containers, searched; anything else (a 0-dim loss, a count) is kept as is.
+    This reads a batch as ``batch_rows`` does (a list of tensors is a batch's fields).
+    """
+    if isinstance(value, torch.Tensor):
+        return value[:keep] if value.dim() and value.shape[0] == rows else value
+    if isinstance(value, Mapping):
+        return {key: first_rows(item, keep, rows) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        named = hasattr(value, "_fields")
+        if not named and len(value) == rows and not any(isinstance(v, _CONTAINERS) for v in value):
+            items = list(value[:keep])
+        else:
+            items = [first_rows(item, keep, rows) for item in value]
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if named else tuple(items)
+    return value
+
+
+_CONTAINERS = (torch.Tensor, Mapping, list, tuple)
 
 
 def collect(run: Run, loader: Any, parts: list[Any], rows: int, hook: str) -> Any:

@@ -235,7 +235,8 @@ def on_eval_begin(run: Run, name: str) -> None:
 @hookspec
 def on_eval_step_end(run: Run, name: str, batch: Any, outputs: Mapping[str, Any]) -> None:
     """One evaluation batch is done; ``outputs`` is what ``eval_step`` returned.
-    (HF: ``on_prediction_step``.)
+    (HF: ``on_prediction_step``.) In a sharded run, a rank's last batch comes without the
+    sampler's padding (a repeated sample): each sample is seen once, over all ranks.
     """
 
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from treadle import checkpoint, gather
+from treadle import checkpoint, defaults, gather
+from treadle.components import Precision, Strategy, move_to_device
 from treadle.data import ResumableSampler
 from treadle.defaults import batch_rows
 from treadle.errors import ConfigError, TreadleError
@@ -55,7 +56,9 @@ def fit(run: Run) -> State:
         epoch = state.epoch
         run.emit("on_epoch_begin", run=run, epoch=epoch)
         for window in _windows(_epoch_batches(run, loader), config.grad_accum_steps):
-            loss = _train_step(run, model, optimizer, window)
+            # decided per step: a hook may add a plugin (and so a provider) mid-fit
+            plain = plain_step_applies(run)
+            loss = _train_step(run, model, optimizer, window, plain)
             meter.add(loss)
             if (hook := run._listeners.get("on_step_end")) is not None:  # run.emit, inlined
                 hook(run=run, loss=loss)
@@ -89,10 +92,53 @@ def fit(run: Run) -> State:
     return state
 
 
+def plain_step_applies(run: Run) -> bool:
+    """Whether a step may skip the component calls, doing exactly what they would do.
+
+    That is so when a step is one micro-batch in ``mean`` mode, ``training_step`` and
+    ``compute_loss`` are the kernel's own, and the strategy and precision inherit every method
+    the step calls from the bases, which do nothing there beyond moving the batch, back-
+    propagating and stepping. The check is on the methods, not on names: a strategy or
+    precision plugin that overrides any of them gets the full path. Cached per run and
+    refreshed with the run's listeners.
+    """
+    key = (run._listeners_version, run.config.grad_accum_steps, run.config.loss_normalization)
+    if run._plain_key != key:
+        run._plain_key, run._plain = key, _plain(run)
+    return run._plain
+
+
+def _plain(run: Run) -> bool:
+    config, listeners = run.config, run._listeners
+    return (
+        config.grad_accum_steps == 1
+        and config.loss_normalization == "mean"
+        and listeners.get("training_step") is defaults.training_step
+        and listeners.get("compute_loss") is defaults.compute_loss
+        and _inherits(run.strategy, Strategy, _STRATEGY_STEP_METHODS)
+        and _inherits(run.strategy.precision, Precision, _PRECISION_STEP_METHODS)
+    )
+
+
+_STRATEGY_STEP_METHODS = ("to_device", "forward_context", "backward", "finalize_gradients",
+                          "divide_gradients", "optimizer_step")  # fmt: skip
+_PRECISION_STEP_METHODS = ("convert_input", "forward_context", "scale_loss", "unscale_gradients",
+                           "optimizer_step")  # fmt: skip
+
+
+def _inherits(component: object, base: type, names: tuple[str, ...]) -> bool:
+    return all(getattr(type(component), name) is getattr(base, name) for name in names)
+
+
 def _train_step(
-    run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: list[Any]
-) -> torch.Tensor:
-    """One optimizer step over a window of micro-batches; returns the step's loss on device."""
+    run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: list[Any],
+    plain: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """One optimizer step over a window of micro-batches; returns the step's loss on device.
+
+    ``plain`` (see ``plain_step_applies``): the window is one batch and the component calls
+    are made inline, with the same events in the same order and the same arithmetic.
+    """
     state, strategy = run.state, run.strategy
     normalization = run.config.loss_normalization
     # run.emit, inlined: only hooks with implementations are in run._listeners (the run keeps
@@ -102,31 +148,54 @@ def _train_step(
         hook(run=run)
     total: torch.Tensor | None = None
     count: torch.Tensor | int = 0
-    last = len(window) - 1
-    for index, batch in enumerate(window):
-        batch = strategy.to_device(batch)
+    if plain:
+        batch = move_to_device(window[0], strategy.device)
         if (hook := hooks.get("on_micro_step_begin")) is not None:
             hook(run=run, batch=batch)
-        if index < last:  # gradients are synchronised across ranks on the last micro-batch only
-            with strategy.no_sync(model):
-                loss = run.provide("training_step", run=run, model=model, batch=batch)
-        else:
-            loss = run.provide("training_step", run=run, model=model, batch=batch)
-        part, items = _loss_parts(loss, normalization)
-        total = part if total is None else total + part
-        count = count + items
+        outputs = defaults.forward(model, batch)
+        loss = run.loss_fn(outputs, batch) if run.loss_fn is not None else (
+            defaults.loss_from_outputs(outputs))  # fmt: skip
+        value = defaults.backward_value(loss, "mean")
+        # run.backward, inlined
+        if (hook := hooks.get("on_before_backward")) is not None:
+            hook(run=run, loss=value)
+        torch.autograd.backward(value)
+        if (hook := hooks.get("on_after_backward")) is not None:
+            hook(run=run)
+        total, count = value.detach(), 1
         state.micro_step += 1
         state.samples_seen += batch_rows(batch)
         if (hook := hooks.get("on_micro_step_end")) is not None:
             hook(run=run, loss=loss)
+    else:
+        last = len(window) - 1
+        for index, batch in enumerate(window):
+            batch = strategy.to_device(batch)
+            if (hook := hooks.get("on_micro_step_begin")) is not None:
+                hook(run=run, batch=batch)
+            if index < last:  # gradients are synchronised across ranks on the last one only
+                with strategy.no_sync(model):
+                    loss = run.provide("training_step", run=run, model=model, batch=batch)
+            else:
+                loss = run.provide("training_step", run=run, model=model, batch=batch)
+            part, items = _loss_parts(loss, normalization)
+            total = part if total is None else total + part
+            count = count + items
+            state.micro_step += 1
+            state.samples_seen += batch_rows(batch)
+            if (hook := hooks.get("on_micro_step_end")) is not None:
+                hook(run=run, loss=loss)
+        strategy.finalize_gradients(optimizer, count)
     assert total is not None
-    strategy.finalize_gradients(optimizer, count)
     if (hook := hooks.get("on_before_optimizer_step")) is not None:
         hook(run=run, optimizer=optimizer)
-    if run._skip_reason is None:
-        stepped = strategy.optimizer_step(optimizer)
-    else:  # a plugin dropped this step with run.skip_step()
+    if run._skip_reason is not None:  # a plugin dropped this step with run.skip_step()
         stepped, run._skip_reason = False, None
+    elif plain:
+        optimizer.step()
+        stepped = True
+    else:
+        stepped = strategy.optimizer_step(optimizer)
     if (hook := hooks.get("on_after_optimizer_step")) is not None:
         hook(run=run, optimizer=optimizer)
     if not stepped:
@@ -268,6 +337,9 @@ class _Meter:
         self.steps += 1
 
     def log(self) -> None:
+        """Log the steps since the last log: ``loss`` (their mean, over every rank), ``lr``,
+        ``step_time_s`` (this rank's clock) and ``samples_per_s`` (the samples of every rank
+        over that time: the global rate)."""
         if self.loss is None:
             return
         run, state = self.run, self.run.state
@@ -275,13 +347,21 @@ class _Meter:
         elapsed = time.perf_counter() - self.start
         run.fold_tokens()
         assert run.optimizer is not None
-        # the mean over ranks: one reduction per log, none per step (identity in one process)
-        loss = run.strategy.all_reduce(self.loss / self.steps, "mean")
+        # The loss's mean and the samples' sum over ranks, in one reduction per log and none
+        # per step (identity in one process). At least float32, in which sample counts are
+        # exact up to 2**24 per log; a float64 loss stays float64.
+        mean = self.loss / self.steps
+        dtype = torch.promote_types(mean.dtype, torch.float32)
+        samples = state.samples_seen - self.samples
+        both = torch.stack((mean.to(dtype), mean.new_full((), samples, dtype=dtype)))
+        both = run.strategy.all_reduce(both, "sum")
+        both[0] /= run.strategy.world_size
+        loss, samples_all = both.tolist()
         metrics = {
-            "loss": float(loss.item()),
+            "loss": loss,
             "lr": float(run.optimizer.param_groups[0]["lr"]),
-            "step_time_s": elapsed / self.steps,
-            "samples_per_s": (state.samples_seen - self.samples) / max(elapsed, 1e-9),
+            "step_time_s": elapsed / self.steps,  # this rank's clock
+            "samples_per_s": samples_all / max(elapsed, 1e-9),  # every rank's samples
         }
         self._reset()
         run.log(metrics)
@@ -372,12 +452,30 @@ def _evaluate_one(run: Run, model: torch.nn.Module, name: str, data: Any) -> dic
     rows = 0
     total = torch.zeros((), dtype=torch.float64, device=run.device)
     count = torch.zeros((), dtype=torch.float64, device=run.device)
+    # A sharded loader ends a rank's share with up to one repeated sample (the sampler's
+    # padding to a multiple of the world size). It is cut off, so that the loss, the kept
+    # outputs and the hooks see each sample once. None: every row is real (one process).
+    left = gather.real_rows(run, loader)
     for batch in loader:
         batch = strategy.to_device(batch)
+        real = None  # with padding in this batch: how many of its rows are real
+        if left is not None:
+            size = batch_rows(batch)
+            if size > left:
+                real = left
+            left = max(left - size, 0)
+        if real:
+            batch = gather.first_rows(batch, real, size)
         outputs = run.provide("eval_step", run=run, model=model, batch=batch)
-        items = outputs.get("count", 1)
-        total += outputs["loss"].detach().double() * items
-        count += items
+        if real == 0:
+            # Padding only: the forward still ran, so that wrappers using collectives in it
+            # (FSDP) stay in step across ranks; it counts for nothing and is seen empty.
+            batch = gather.first_rows(batch, 0, size)
+            outputs = {**gather.first_rows(outputs, 0, size), "count": 0}
+        else:
+            items = outputs.get("count", 1)
+            total += outputs["loss"].detach().double() * items
+            count += items
         if keep:
             kept.append({key: outputs.get(key) for key in ("predictions", "labels")})
             rows += batch_rows(batch)

@@ -150,6 +150,9 @@ class Run:
             self._register(plugin, name)
         self._check_hooks()
         self._listeners: dict[str, Any] = {}
+        self._listeners_version = 0  # bumped by each refresh; loop.plain_step_applies caches on it
+        self._plain_key: tuple[Any, ...] | None = None
+        self._plain = False
         self._refresh_listeners()
         self.emit("on_init_end", run=self)
 
@@ -363,6 +366,7 @@ class Run:
     def _refresh_listeners(self) -> None:
         """Learn which hooks have implementations; the others are skipped by ``emit``."""
         self._listeners.clear()
+        self._listeners_version += 1
         for hook_name in dir(self.plugin_manager.hook):
             caller = getattr(self.plugin_manager.hook, hook_name)
             if not isinstance(caller, pluggy.HookCaller):

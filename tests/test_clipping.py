@@ -115,12 +115,37 @@ def test_logged_norm_is_clip_grad_norms_and_the_bound_holds(precision: type) -> 
             torch.testing.assert_close(a, b * (bound / (expected + 1e-6)), rtol=1e-5, atol=1e-7)
 
 
-def test_norm_logged_once_per_log_interval_with_the_step() -> None:
+class ItemCounter(torch.Tensor):
+    """A norm that counts how often it is read to the host."""
+
+    reads = 0
+
+    def item(self) -> Any:
+        ItemCounter.reads += 1
+        return super().item()
+
+
+class ReadCountingStrategy(SingleDevice):
+    def __init__(self) -> None:
+        super().__init__("cpu")
+        self.norms: list[float] = []
+
+    def clip_grad_norm(
+        self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
+    ) -> torch.Tensor:
+        norm = super().clip_grad_norm(parameters, max_norm, norm_type)
+        self.norms.append(float(norm))  # the test's own copy, not counted
+        return norm.as_subclass(ItemCounter)
+
+
+def test_the_last_steps_norm_goes_into_the_training_record_read_once_per_log() -> None:
     probe = GradProbe()
+    strategy = ReadCountingStrategy()
+    ItemCounter.reads = 0
     run = treadle.Run(
         model=make_model(),
         train_data=make_batches(),
-        strategy=SingleDevice("cpu"),
+        strategy=strategy,
         optimizer={"name": "sgd", "lr": 0.05},
         loggers=[],
         checkpoint=None,
@@ -129,7 +154,33 @@ def test_norm_logged_once_per_log_interval_with_the_step() -> None:
         config=treadle.Config(max_steps=6, log_every=3),
     )
     run.fit()
-    assert [m["step"] for m in probe.logs if "grad_norm" in m] == [3, 6]
+    # no record of its own: grad_norm is in the training records (with the loss), and only there
+    assert [sorted(m) for m in probe.logs] == [
+        ["epoch", "grad_norm", "loss", "lr", "samples_per_s", "step", "step_time_s"]
+    ] * 2
+    assert [m["step"] for m in probe.logs] == [3, 6]
+    # the norm of the interval's last step (steps 3 and 6), not of another step nor a mean
+    assert len(strategy.norms) == 6 and len(set(strategy.norms)) == 6
+    assert [m["grad_norm"] for m in probe.logs] == [strategy.norms[2], strategy.norms[5]]
+    assert ItemCounter.reads == 2  # read at the logs, never per step
+    assert run.state.last_metrics["grad_norm"] == strategy.norms[5]
+
+
+def test_log_every_on_the_plugin_picks_training_records() -> None:
+    probe = GradProbe()
+    run = treadle.Run(
+        model=make_model(),
+        train_data=make_batches(),
+        strategy=SingleDevice("cpu"),
+        loggers=[],
+        checkpoint=None,
+        plugins=[GradClip(max_norm=1.0, log_every=4), probe],
+        loss_fn=mse,
+        config=treadle.Config(max_steps=6, log_every=2),
+    )
+    run.fit()
+    assert [m["step"] for m in probe.logs] == [2, 4, 6]
+    assert [m["step"] for m in probe.logs if "grad_norm" in m] == [4]
     # log_every=0 on the plugin: never
     probe = GradProbe()
     fit_run = treadle.Run(

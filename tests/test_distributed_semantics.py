@@ -82,6 +82,48 @@ def test_logged_losses_are_means_over_ranks(tmp_path: Path) -> None:
     assert results[0]["eval"] == results[1]["eval"]
 
 
+class _Records:
+    def __init__(self) -> None:
+        self.logged: list[dict[str, float]] = []
+
+    @treadle.hookimpl
+    def on_log(self, metrics: dict[str, float]) -> None:
+        self.logged.append(dict(metrics))
+
+
+def uneven_batches_throughput(output_dir: str) -> list[dict[str, float]]:
+    """A two-process worker: rank 0 trains on batches of 2 rows, rank 1 on batches of 6 (each
+    its own list of batches, which treadle does not shard); 4 steps, a log every 2."""
+    import toy
+
+    rank = int(os.environ["RANK"])
+    treadle.seed_everything(0)
+    records = _Records()
+    run = treadle.Run(
+        toy.model(),
+        train_data=toy.train_data(n=48, batch_size=2 if rank == 0 else 6),
+        config=treadle.Config(max_steps=4, log_every=2, output_dir=output_dir, save_at_end=False),
+        strategy=DDPStrategy(device="cpu"),
+        plugins=[records],
+        loggers=[],
+    )
+    with run:
+        run.fit()
+    return [m for m in records.logged if "loss" in m]
+
+
+@pytest.mark.multiprocess
+def test_logged_samples_per_s_counts_every_ranks_samples(tmp_path: Path) -> None:
+    results = testing.run_distributed(uneven_batches_throughput, str(tmp_path), world_size=2)
+    for records in results:
+        assert [r["step"] for r in records] == [2, 4]
+        for record in records:
+            # rate x time per step x steps = the samples of the interval: 2 steps x (2 + 6)
+            # rows, on either rank (this rank's alone would be 4 or 12; its count x world 8 or 24)
+            samples = record["samples_per_s"] * record["step_time_s"] * 2
+            assert samples == pytest.approx(16.0, rel=1e-9)
+
+
 # ------------------------------------------------------------------ the harness cleans up
 
 

@@ -12,6 +12,7 @@ import torch
 import toy
 
 import treadle
+from treadle import testing
 from treadle.errors import TreadleError
 from treadle.plugins.callbacks.early_stopping import EarlyStopping
 from treadle.plugins.metrics import MeanAbsoluteError, Metrics
@@ -235,3 +236,120 @@ def test_early_stopping_stops_at_the_expected_step(
     assert stopper.stopped_step == stop_at
     assert state.step == stop_at  # the request is acted on at the boundary of that same step
     assert state.stop_reason is not None and state.stop_reason.startswith("early stopping")
+
+
+# ------------------------------------------------------------------ the sampler's padding
+
+
+class Float64Rows(torch.utils.data.Dataset):
+    """``n`` rows of {"x", "y"} in float64: losses over different batchings agree to ~1e-16."""
+
+    def __init__(self, n: int) -> None:
+        x, y = toy.samples(n, seed=7)
+        self.x, self.y = x.double(), y.double()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[index], "y": self.y[index]}
+
+
+class PassRecorder:
+    """Per evaluation pass: the rows of every forward, of every batch the hooks saw, and of
+    what compute_metrics received."""
+
+    def __init__(self) -> None:
+        self.forwards: list[int] = []
+        self.hook_rows: list[int] = []
+        self.hook_counts: list[int] = []
+        self.metric_rows = -1
+
+    def forward_pre_hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        self.forwards.append(len(kwargs["x"]))
+
+    @treadle.hookimpl
+    def on_eval_step_end(self, batch: dict[str, torch.Tensor], outputs: dict[str, Any]) -> None:
+        self.hook_rows.append(len(batch["x"]))
+        self.hook_counts.append(int(outputs["count"]))
+        assert len(outputs["predictions"]) == len(outputs["labels"]) == len(batch["x"])
+
+    @treadle.hookimpl
+    def compute_metrics(self, labels: torch.Tensor) -> dict[str, float]:
+        self.metric_rows = len(labels)
+        return {}
+
+
+#: (sampler, batch size, rank 1's forwards, rows rank 1's hooks see) per pass, 7 rows on 2
+#: ranks: treadle's ResumableSampler (with batch 3 and 1, rank 1 ends with a batch of padding
+#: only: it is forwarded and seen empty), and torch's DistributedSampler given by the user.
+PADDING_CASES = [
+    ("resumable", 2, [2, 1], [2, 1]),
+    ("resumable", 3, [3, 1], [3, 0]),
+    ("resumable", 1, [1, 1, 1, 1], [1, 1, 1, 0]),
+    ("torch", 2, [2, 1], [2, 1]),
+]
+
+
+def eval_on_ranks(length: int) -> list[dict[str, Any]]:
+    """A two-process worker: evaluate ``length`` rows once per case of PADDING_CASES."""
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from treadle.plugins.metrics import Mean
+    from treadle.plugins.strategies.ddp import DDPStrategy
+
+    torch.manual_seed(0)
+    model = toy.model().double()
+    recorder = PassRecorder()
+    model.register_forward_pre_hook(recorder.forward_pre_hook, with_kwargs=True)
+    mean_y = Metrics({"mean_y": Mean()}, adapter=lambda outputs, batch: (batch["y"],))
+    run = treadle.Run(
+        model,
+        strategy=DDPStrategy(device="cpu"),
+        loggers=[],
+        checkpoint=None,
+        plugins=[recorder, mean_y],
+    )
+    dataset, results = Float64Rows(length), []
+    with run:
+        for sampler, batch_size, _, _ in PADDING_CASES:
+            if sampler == "torch":
+                shard = DistributedSampler(
+                    dataset, num_replicas=2, rank=dist.get_rank(), shuffle=False
+                )
+                data = DataLoader(dataset, batch_size=batch_size, sampler=shard)
+            else:
+                data = DataLoader(dataset, batch_size=batch_size)  # treadle shards it
+            recorder.__init__()  # type: ignore[misc]
+            metrics = run.evaluate(data)
+            results.append({"metrics": metrics, **vars(recorder)})
+    return results
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_evaluate_each_sample_once_despite_the_samplers_padding() -> None:
+    length = 7  # 2 ranks: rank 1's share ends with a repeat of sample 0
+    results = testing.run_distributed(eval_on_ranks, length, world_size=2)
+    dataset = Float64Rows(length)
+    torch.manual_seed(0)
+    model = toy.model().double()
+    with torch.no_grad():
+        per_sample = (model.net(dataset.x).squeeze(-1) - dataset.y).square()
+    exact, padded = per_sample.mean(), torch.cat([per_sample, per_sample[:1]]).mean()
+    assert abs(float(padded - exact)) > 1e-4  # counting the padding would be seen
+    for index, (_, batch_size, forwards, rows) in enumerate(PADDING_CASES):
+        # the one-process loss over the same loader, batched the same way
+        single = treadle.Run(model, loggers=[], checkpoint=None)
+        expected = single.evaluate(torch.utils.data.DataLoader(dataset, batch_size=batch_size))
+        assert expected["eval/loss"] == pytest.approx(float(exact), rel=1e-13, abs=0)
+        rank0 = [len(chunk) for chunk in torch.arange(4).split(batch_size)]  # positions 0, 2, 4, 6
+        for rank, result in enumerate(r[index] for r in results):
+            metrics = result["metrics"]
+            assert metrics["eval/loss"] == pytest.approx(expected["eval/loss"], rel=1e-13, abs=0)
+            # streaming metrics and compute_metrics see each sample once too
+            assert metrics["eval/mean_y"] == pytest.approx(float(dataset.y.mean()), rel=1e-13)
+            assert result["metric_rows"] == length
+            # the ranks forward alike (a batch of padding only included), and hooks see real rows
+            assert result["forwards"] == (rank0 if rank == 0 else forwards)
+            assert result["hook_rows"] == result["hook_counts"] == (rank0 if rank == 0 else rows)

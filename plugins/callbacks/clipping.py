@@ -10,9 +10,16 @@ Decisions:
 * ``max_norm`` clips the global norm (``torch.nn.utils.clip_grad_norm_`` semantics); ``value``
   clamps every gradient element to ``[-value, value]``. One of the two, not both.
 * ``grad_norm`` is the norm *before* clipping (what ``clip_grad_norm_`` returns and what the
-  Hugging Face Trainer logs), in both modes. It stays on the device and is read only when
-  logged: at the ``log_every`` cadence (default ``Config.log_every``), one synchronisation per
-  log, none per step. ``last_norm`` holds the latest one for other plugins.
+  Hugging Face Trainer logs), in both modes. It is added to the training log record (the one
+  with ``"loss"``, every ``Config.log_every`` steps) by an ``on_log`` wrapper, as the
+  ``throughput`` and ``memory`` plugins add theirs: one row per log in every logger, not a
+  record of its own.
+* The logged value is the norm of the **last step** before the log, as the HF Trainer logs it,
+  not a mean or maximum over the interval: that costs nothing per step, and one fp16 step
+  skipped for an overflow (an infinite norm, routine under dynamic loss scaling) does not make
+  the whole interval's value infinite. The norm stays on the device until the log reads it
+  (with the loss's synchronisation; none per step). ``last_norm`` holds the latest one for
+  other plugins.
 * The parameters are those of the optimizer's groups that have a gradient: exactly what the
   step will change.
 * A non-finite norm is not this plugin's concern: fp16 loss scaling skips such steps, and the
@@ -22,6 +29,7 @@ Decisions:
 from __future__ import annotations
 
 import math
+from collections.abc import Generator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -56,8 +64,9 @@ class GradClip:
             default when neither ``max_norm`` nor ``value`` is given is 1.0.
         value: instead, clamp each gradient element to ``[-value, value]``.
         norm_type: the norm's order (2.0 by default; ``inf`` for the max-norm).
-        log_every: log ``grad_norm`` every N optimizer steps; ``None`` follows
-            ``Config.log_every``; 0 never logs.
+        log_every: add ``grad_norm`` to the training logs at steps that are multiples of N
+            (make N a multiple of ``Config.log_every``); ``None``, the default: to every
+            training log; 0: never.
 
     Example::
 
@@ -113,8 +122,18 @@ class GradClip:
         self.last_norm = run.strategy.clip_grad_norm(params, math.inf, self.norm_type)
         torch.nn.utils.clip_grad_value_(params, self.value)
 
-    @hookimpl
-    def on_step_end(self, run: Run) -> None:
-        every = run.config.log_every if self.log_every is None else self.log_every
-        if self.last_norm is not None and every and run.state.step % every == 0:
-            run.log({"grad_norm": float(self.last_norm.item())})
+    @hookimpl(wrapper=True)
+    def on_log(self, run: Run, metrics: Mapping[str, float]) -> Generator[None, Any, Any]:
+        if (
+            self.last_norm is not None
+            and "loss" in metrics
+            and isinstance(metrics, MutableMapping)
+            and self._due(run.state.step)
+        ):
+            metrics["grad_norm"] = float(self.last_norm.item())
+        return (yield)
+
+    def _due(self, step: int) -> bool:
+        if self.log_every is None:
+            return True
+        return self.log_every > 0 and step % self.log_every == 0

@@ -113,7 +113,9 @@ def run_train(spec: dict[str, Any], t0: float) -> dict[str, Any]:
         raise RuntimeError(
             f"{spec['contender']} took {clock.count} optimizer steps, expected {total}"
         )
-    # the same final evaluation for everyone: identical weights give identical numbers
+    # the same final evaluation for everyone: identical weights give identical numbers.
+    # Lightning's teardown moves the module back to the CPU, so place it again.
+    model.to(device)
     model.eval()
     batch = {k: v.to(device) for k, v in batches[0].items()}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")

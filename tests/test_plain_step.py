@@ -1,0 +1,198 @@
+"""The plain step: the loop's inline path for a step whose component calls would do nothing.
+
+``loop.plain_step_applies`` decides per step; the plain path must fire the same events in the
+same order and reach the same weights, bit for bit, as the full path it replaces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import toy
+
+import treadle
+from treadle import loop
+from treadle.plugins.precision import BF16Mixed
+from treadle.plugins.strategies.single import SingleDevice
+
+
+class Events:
+    """Records every per-step event with the loss it saw."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, float | None]] = []
+
+    def _add(self, name: str, run: treadle.Run, loss: Any = None) -> None:
+        if isinstance(loss, treadle.LossSum):
+            loss = loss.total / loss.count
+        self.calls.append((name, run.state.step, None if loss is None else float(loss.detach())))
+
+    @treadle.hookimpl
+    def on_step_begin(self, run: treadle.Run) -> None:
+        self._add("step_begin", run)
+
+    @treadle.hookimpl
+    def on_micro_step_begin(self, run: treadle.Run) -> None:
+        self._add("micro_begin", run)
+
+    @treadle.hookimpl
+    def on_before_backward(self, run: treadle.Run, loss: torch.Tensor) -> None:
+        self._add("before_backward", run, loss)
+
+    @treadle.hookimpl
+    def on_after_backward(self, run: treadle.Run) -> None:
+        self._add("after_backward", run)
+
+    @treadle.hookimpl
+    def on_micro_step_end(self, run: treadle.Run, loss: Any) -> None:
+        self._add("micro_end", run, loss)
+
+    @treadle.hookimpl
+    def on_before_optimizer_step(self, run: treadle.Run) -> None:
+        self._add("before_optimizer_step", run)
+        if run.state.step == 3:
+            run.skip_step("test: a skipped step takes the same path")
+
+    @treadle.hookimpl
+    def on_after_optimizer_step(self, run: treadle.Run) -> None:
+        self._add("after_optimizer_step", run)
+
+    @treadle.hookimpl
+    def on_step_end(self, run: treadle.Run, loss: torch.Tensor) -> None:
+        self._add("step_end", run, loss)
+
+
+def _run(tmp_path: Path, **options: Any) -> treadle.Run:
+    torch.manual_seed(0)
+    config = {"max_steps": 12, "log_every": 4, "output_dir": str(tmp_path)}
+    config.update(options.pop("config", {}))
+    return treadle.Run(
+        toy.model(dropout=0.1),  # dropout: the random stream must be consumed alike too
+        toy.train_data(),
+        config=treadle.Config(**config),
+        loggers=[],
+        checkpoint=None,
+        optimizer={"name": "adamw", "lr": 0.01},
+        scheduler={"name": "linear", "warmup_steps": 2},
+        **options,
+    )
+
+
+def _train(tmp_path: Path, plain: bool | None, monkeypatch: pytest.MonkeyPatch, **options: Any):
+    """Fit with the plain path forced on, off, or left to decide (None)."""
+    decided: list[bool] = []
+    real = loop.plain_step_applies
+
+    def decide(run: treadle.Run) -> bool:
+        decided.append(real(run))
+        return decided[-1] if plain is None else plain
+
+    monkeypatch.setattr(loop, "plain_step_applies", decide)
+    events = Events()
+    with _run(tmp_path, plugins=[events], **options) as run:
+        run.fit()
+        weights = {k: v.clone() for k, v in run.model.state_dict().items()}
+        state = run.state
+    monkeypatch.setattr(loop, "plain_step_applies", real)
+    return weights, events.calls, state, decided
+
+
+def _loss_sum(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> Any:
+    error = (outputs["prediction"] - batch["y"]).pow(2)
+    return treadle.LossSum(error.sum(), torch.tensor(error.numel()))
+
+
+@pytest.mark.parametrize("loss_fn", [None, _loss_sum], ids=["model-loss", "loss_fn-LossSum"])
+def test_plain_path_matches_the_full_path_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loss_fn: Any
+) -> None:
+    plain = _train(tmp_path / "plain", True, monkeypatch, loss_fn=loss_fn)
+    full = _train(tmp_path / "full", False, monkeypatch, loss_fn=loss_fn)
+    assert plain[1] == full[1]  # the same events, in order, with the same losses
+    assert len(plain[1]) == 12 * 8
+    for name, tensor in full[0].items():
+        assert torch.equal(plain[0][name], tensor), name
+    for field in ("step", "micro_step", "samples_seen", "skipped_steps", "batch_in_epoch"):
+        assert getattr(plain[2], field) == getattr(full[2], field), field
+    assert plain[2].skipped_steps == 1
+
+
+def test_default_components_take_the_plain_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decided = _train(tmp_path, None, monkeypatch)[3]
+    assert decided == [True] * 12
+
+
+class OwnTrainingStep:
+    @treadle.hookimpl
+    def training_step(self, run: treadle.Run, model: Any, batch: Any) -> torch.Tensor:
+        loss = model(**batch)["loss"]
+        run.backward(loss)
+        return loss
+
+
+class OwnComputeLoss:
+    @treadle.hookimpl
+    def compute_loss(self, run: treadle.Run, model: Any, batch: Any) -> torch.Tensor:
+        return model(**batch)["loss"]
+
+
+class MovesBatchesItself(SingleDevice):
+    def to_device(self, batch: Any) -> Any:
+        return super().to_device(batch)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"config": {"grad_accum_steps": 2}},
+        {"config": {"loss_normalization": "tokens"}, "loss_fn": _loss_sum},
+        {"plugins": [OwnTrainingStep()]},
+        {"plugins": [OwnComputeLoss()]},
+        {"precision": BF16Mixed()},
+        {"strategy": MovesBatchesItself(device="cpu")},
+    ],
+    ids=["accumulation", "tokens", "training_step", "compute_loss", "precision", "strategy"],
+)
+def test_anything_the_plain_path_would_skip_takes_the_full_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
+) -> None:
+    extra = options.pop("plugins", [])
+    options.setdefault("config", {})
+    events = Events()
+    with _run(tmp_path, plugins=[events, *extra], **options) as run:
+        run.fit()
+        assert run.state.step == 12
+        assert loop.plain_step_applies(run) is False
+
+
+def test_a_plugin_added_mid_fit_is_honoured_at_the_next_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    used: list[str] = []
+
+    class Late:
+        @treadle.hookimpl
+        def compute_loss(self, run: treadle.Run, model: Any, batch: Any) -> torch.Tensor:
+            used.append("late")
+            return model(**batch)["loss"]
+
+    class AddsAtStep4:
+        @treadle.hookimpl
+        def on_step_end(self, run: treadle.Run) -> None:
+            if run.state.step == 4:
+                run.add_plugin(Late())
+
+    decided = []
+    real = loop.plain_step_applies
+    monkeypatch.setattr(
+        loop, "plain_step_applies", lambda run: decided.append(real(run)) or decided[-1]
+    )
+    with _run(tmp_path, plugins=[AddsAtStep4()]) as run:
+        run.fit()
+    assert decided == [True] * 4 + [False] * 8
+    assert used == ["late"] * 8
