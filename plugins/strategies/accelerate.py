@@ -174,7 +174,11 @@ class AccelerateStrategy(TorchDistributed):
 
     @property
     def accelerator(self) -> Any:
-        """The ``accelerate.Accelerator`` (built at set-up)."""
+        """The ``accelerate.Accelerator`` once the run is set up, else None. Reading it never
+        raises: pluggy before 1.7 reads every attribute of a plugin when it registers it."""
+        return self._accelerator
+
+    def _live_accelerator(self) -> Any:
         if self._accelerator is None:
             raise TreadleError("strategy 'accelerate' is not set up yet (run.setup() first)")
         return self._accelerator
@@ -235,7 +239,7 @@ class AccelerateStrategy(TorchDistributed):
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """``accelerator.prepare_model``: placement, DDP, and the autocast of mixed precision."""
-        return self.accelerator.prepare_model(model)  # type: ignore[no-any-return]
+        return self._live_accelerator().prepare_model(model)  # type: ignore[no-any-return]
 
     def unwrap_model(self, model: nn.Module) -> nn.Module:
         if self._accelerator is None:
@@ -244,7 +248,7 @@ class AccelerateStrategy(TorchDistributed):
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """``accelerator.prepare_optimizer`` (an ``AcceleratedOptimizer``)."""
-        return self.accelerator.prepare_optimizer(optimizer)  # type: ignore[no-any-return]
+        return self._live_accelerator().prepare_optimizer(optimizer)  # type: ignore[no-any-return]
 
     def to_device(self, batch: Any) -> Any:
         return move_to_device(batch, self.device)
@@ -253,11 +257,11 @@ class AccelerateStrategy(TorchDistributed):
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
         """``accelerator.no_sync``: no gradient synchronisation on non-final micro-batches."""
-        return self.accelerator.no_sync(model)  # type: ignore[no-any-return]
+        return self._live_accelerator().no_sync(model)  # type: ignore[no-any-return]
 
     def backward(self, loss: torch.Tensor) -> None:
         """``accelerator.backward``: the fp16 gradient scaler, if any."""
-        self.accelerator.backward(loss)
+        self._live_accelerator().backward(loss)
 
     def finalize_gradients(
         self, optimizer: torch.optim.Optimizer, divisor: torch.Tensor | float
@@ -268,7 +272,7 @@ class AccelerateStrategy(TorchDistributed):
         ``gradient_accumulation_steps`` (1 unless its configuration says otherwise), so only
         the rest of the division is done here.
         """
-        accelerator = self.accelerator
+        accelerator = self._live_accelerator()
         accelerator.unscale_gradients(optimizer)
         self.divide_gradients(optimizer, divisor, done=accelerator.gradient_accumulation_steps)
 

@@ -378,7 +378,12 @@ class DeepSpeedStrategy(TorchDistributed):
 
     @property
     def engine(self) -> Any:
-        """The DeepSpeed engine, once the optimizer is attached (``run.setup_optimizer()``)."""
+        """The DeepSpeed engine once the optimizer is attached (``run.setup_optimizer()``),
+        else None. Reading it never raises: pluggy before 1.7 reads every attribute of a
+        plugin when it registers it."""
+        return self._engine
+
+    def _live_engine(self) -> Any:
         if self._engine is None:
             raise TreadleError(
                 "strategy 'deepspeed': there is no engine yet; it is built with the optimizer "
@@ -420,7 +425,7 @@ class DeepSpeedStrategy(TorchDistributed):
 
     def backward(self, loss: torch.Tensor) -> None:
         """``engine.backward``: loss scaling, and the division by the window (mean mode)."""
-        self.engine.backward(loss, scale_wrt_gas=self._scale_wrt_gas)
+        self._live_engine().backward(loss, scale_wrt_gas=self._scale_wrt_gas)
 
     def finalize_gradients(
         self, optimizer: torch.optim.Optimizer, divisor: torch.Tensor | float
@@ -433,7 +438,7 @@ class DeepSpeedStrategy(TorchDistributed):
         of the window's scored tokens here. Each rank scales only the gradients it holds
         (its ZeRO-3 partition, its ZeRO-1/2 fragment, or ``.grad``), without communication.
         """
-        engine = self.engine
+        engine = self._live_engine()
         factor: torch.Tensor | float
         if isinstance(divisor, torch.Tensor):
             tokens = divisor.detach().clone()
@@ -457,7 +462,7 @@ class DeepSpeedStrategy(TorchDistributed):
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """``engine.step()``; False when DeepSpeed skipped it (fp16 overflow)."""
-        engine = self.engine
+        engine = self._live_engine()
         engine.step()
         return bool(engine.was_step_applied())
 
@@ -480,7 +485,7 @@ class DeepSpeedStrategy(TorchDistributed):
 
     def _full_weights(self) -> dict[str, torch.Tensor]:
         deepspeed = _deepspeed()
-        module = self.engine.module
+        module = self._live_engine().module
         main = self.is_main_process
         gather = (
             deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
@@ -538,19 +543,19 @@ class DeepSpeedStrategy(TorchDistributed):
             )
 
     def _save_engine(self, folder: Path) -> None:
-        engine = self.engine
+        engine = self._live_engine()
         engine.save_checkpoint(str(folder), tag=f"global_step{engine.global_steps}")
 
     def _load_engine(self, folder: Path) -> None:
         from treadle.plugins.checkpoint.deepspeed_format import weights_only_loads
 
         with weights_only_loads():
-            path, _ = self.engine.load_checkpoint(
+            path, _ = self._live_engine().load_checkpoint(
                 str(folder), load_optimizer_states=True, load_lr_scheduler_states=False
             )
         if path is None:
             raise TreadleError(f"DeepSpeed found no checkpoint to load in {folder}")
-        self.engine.set_gradient_accumulation_boundary(True)
+        self._live_engine().set_gradient_accumulation_boundary(True)
 
 
 # ---------------------------------------------------------------------- helpers
