@@ -216,6 +216,16 @@ class Strategy:
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         return self.precision.optimizer_step(optimizer)
 
+    def grad_scaler(self, **options: Any) -> torch.amp.GradScaler:
+        """The loss scaler a precision plugin uses (``options`` are ``GradScaler``'s).
+
+        Every rank must find an inf/NaN when any rank's gradients hold one, so that all skip
+        the step alike. torch's ``GradScaler`` does for whole gradients and for DTensor shards
+        (its check is reduced over the mesh); a strategy whose gradient shards are plain
+        tensors returns a scaler that reduces the check itself.
+        """
+        return torch.amp.GradScaler(self.device.type, **options)
+
     # -- collectives (identity in one process)
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
         return tensor

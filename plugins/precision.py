@@ -30,6 +30,10 @@ Decisions:
 * A step dropped by a plugin (``run.skip_step``) never reaches ``optimizer_step``; the scaler is
   still updated from what ``unscale_`` found (in ``on_after_optimizer_step``), so its state is
   ready for the next step and a NaN there still halves the scale.
+* The scaler comes from the strategy (``Strategy.grad_scaler``), which knows how gradients are
+  sharded: every rank must see an inf/NaN that any rank's shard holds, so that all skip the
+  step alike. torch's ``GradScaler`` serves ``single``, ``ddp`` and ``fsdp`` (FSDP2's gradient
+  shards are DTensors, whose inf check torch reduces over the ranks).
 * The scaler's state (scale, growth tracker, factors) is plain numbers: it is written to the
   checkpoint's ``precision.json`` and restored on resume.
 * Support is checked twice: when the run is composed, against the strategy's device (so a bad
@@ -49,7 +53,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from treadle.components import Precision
+from treadle.components import Precision, Strategy
 from treadle.errors import ConfigError, TreadleWarning
 from treadle.hookspecs import hookimpl
 
@@ -198,7 +202,8 @@ class BF16Mixed(_Autocast):
 
 
 class FP16Mixed(_Autocast):
-    """Autocast to float16 with dynamic loss scaling (``torch.amp.GradScaler``).
+    """Autocast to float16 with dynamic loss scaling (the strategy's ``grad_scaler()``, a
+    ``torch.amp.GradScaler`` by default).
 
     The loss is multiplied by the scale before backward; gradients are unscaled before
     ``on_before_optimizer_step``. A step whose gradients hold an inf or NaN is skipped, the
@@ -247,6 +252,7 @@ class FP16Mixed(_Autocast):
         self.backoff_factor = float(backoff_factor)
         self.growth_interval = growth_interval
         self.scaler: torch.amp.GradScaler | None = None
+        self._strategy: Strategy | None = None  # the run's: it makes the scaler
         self._pending_state: dict[str, Any] | None = None
         self._unscaled = False  # unscale_ ran, update() has not: the step is still open
         self._skipped = False  # the last optimizer_step was skipped by the scaler
@@ -268,13 +274,16 @@ class FP16Mixed(_Autocast):
         super().setup(device)
         if self.scaler is not None:  # set up again (a second run sharing it): keep its state
             return
-        self.scaler = torch.amp.GradScaler(
-            device.type,
-            init_scale=self.init_scale,
-            growth_factor=self.growth_factor,
-            backoff_factor=self.backoff_factor,
-            growth_interval=self.growth_interval,
-        )
+        options: dict[str, Any] = {
+            "init_scale": self.init_scale,
+            "growth_factor": self.growth_factor,
+            "backoff_factor": self.backoff_factor,
+            "growth_interval": self.growth_interval,
+        }
+        if self._strategy is not None:
+            self.scaler = self._strategy.grad_scaler(**options)
+        else:  # set up outside a run
+            self.scaler = torch.amp.GradScaler(device.type, **options)
         if self._pending_state is not None:
             self.scaler.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -305,6 +314,11 @@ class FP16Mixed(_Autocast):
         self._unscaled = False
         self._skipped = found_inf > 0
         return not self._skipped
+
+    @hookimpl
+    def on_init_end(self, run: Run) -> None:
+        super().on_init_end(run)
+        self._strategy = run.strategy
 
     @hookimpl
     def on_after_optimizer_step(self) -> None:

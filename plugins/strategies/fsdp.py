@@ -10,21 +10,38 @@ Checkpoints: with ``checkpoint="dcp"`` every rank writes its own shards
 (torch.distributed.checkpoint; resumable with another number of ranks); with a whole-file
 format ("safetensors") the full state is gathered to the main process's CPU and written there.
 A ``dcp`` checkpoint exports to a plain safetensors model with ``treadle.checkpoint.export``.
+
+Meta-device initialisation: a model built inside ``strategy.model_init_context()`` has its
+parameters on the ``meta`` device (no memory). ``wrap_model`` shards it, gives each rank memory
+for its own shards only (``to_empty``), and initialises the weights (``init_weights``): each
+module's own parameters and buffers are initialised as full-size temporaries on the device, one
+module at a time, under a generator seeded with ``init_seed`` (default: ``Config.seed``), and
+each rank keeps its slice. So every rank agrees, a run is reproducible, and on CPU the weights
+equal those of the model built normally after ``torch.manual_seed(seed)`` (for modules built in
+the order they are registered, as usual). Peak extra memory: the largest single module.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from treadle.errors import ConfigError
+from treadle.hookspecs import hookimpl
 from treadle.plugins.strategies._distributed import TorchDistributed, module_classes, parse_dtype
 
-__all__ = ["FSDPStrategy"]
+if TYPE_CHECKING:
+    from treadle.run import Run
+
+__all__ = ["FSDPStrategy", "reset_parameters"]
+
+#: ``init_weights`` value: leave a meta-built model's weights unset (NaN) for a later load
+_NO_INIT = "none"
+_DEFAULT_INIT = "reset_parameters"
 
 
 def _fsdp() -> Any:
@@ -59,16 +76,31 @@ class FSDPStrategy(TorchDistributed):
         cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory.
         sync_module_states: broadcast rank 0's weights before sharding, so ranks start alike
             even if they built the model with different random numbers.
-        backend, timeout, device: as for ``ddp``.
+        init_weights: how a model built in ``model_init_context()`` (on the meta device) gets
+            its weights once sharded: ``"reset_parameters"`` (call each module's
+            ``reset_parameters()``, as torch.nn's layers do when built normally), a function
+            ``f(module)`` (or ``"pkg.module:function"`` in a run file) that initialises one
+            module's own parameters and buffers (``recurse=False``), or ``"none"`` (leave them
+            NaN: the weights are loaded afterwards, by ``resume`` or
+            ``strategy.load_model_state_dict``). Unused for a model not built on meta.
+        init_seed: seed of the generator the initialisation draws from (None: ``Config.seed``).
+        backend, timeout, device: as for ``ddp``; with ``cpu_offload`` on an accelerator,
+            backend "auto" is ``"<device>:nccl,cpu:gloo"`` (offloaded gradients are reduced on CPU).
 
     Raises:
-        ConfigError: ``wrap`` and ``min_num_params`` together, an unknown dtype, or a torch
-            without FSDP2.
+        ConfigError: ``wrap`` and ``min_num_params`` together, an unknown dtype, an invalid
+            ``init_weights``, or a torch without FSDP2; when the run is composed, a meta
+            model with a module that ``init_weights="reset_parameters"`` cannot initialise.
 
     Example::
 
         strategy={"name": "fsdp", "wrap": ["Block"], "param_dtype": "bfloat16",
                   "reduce_dtype": "float32"}
+
+        strategy = FSDPStrategy(wrap=["Block"])
+        with strategy.model_init_context():   # parameters on "meta": no memory
+            model = Transformer(config)
+        treadle.Run(model, strategy=strategy, ...)  # sharded, then each rank's shards initialised
     """
 
     name = "fsdp"
@@ -84,6 +116,8 @@ class FSDPStrategy(TorchDistributed):
         output_dtype: str | None = None,
         cpu_offload: bool = False,
         sync_module_states: bool = True,
+        init_weights: Callable[[nn.Module], Any] | str = _DEFAULT_INIT,
+        init_seed: int | None = None,
         backend: str = "auto",
         timeout: float = 1800.0,
         device: str = "auto",
@@ -128,18 +162,68 @@ class FSDPStrategy(TorchDistributed):
         self.param_dtype = parse_dtype(param_dtype, option="param_dtype", strategy="fsdp")
         self.reduce_dtype = parse_dtype(reduce_dtype, option="reduce_dtype", strategy="fsdp")
         self.output_dtype = parse_dtype(output_dtype, option="output_dtype", strategy="fsdp")
+        if init_seed is not None and (
+            isinstance(init_seed, bool) or not isinstance(init_seed, int) or init_seed < 0
+        ):
+            raise ConfigError(
+                f"strategy 'fsdp': init_seed={init_seed!r} must be a non-negative integer, or "
+                "None for the run's Config.seed"
+            )
         self.cpu_offload = cpu_offload
         self.sync_module_states = sync_module_states
+        self.init_weights = init_weights
+        self._init_fn = _resolve_init(init_weights)
+        self.init_seed = init_seed
+        self._run_seed: int | None = None
         self._model: nn.Module | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self, run: Run) -> None:
+        """Join the process group; remember ``Config.seed`` for meta-device initialisation."""
+        self._run_seed = run.config.seed
+        super().setup(run)
+
+    def _backend_for(self, device: torch.device) -> str | None:
+        """With ``cpu_offload`` on an accelerator, a CPU backend beside the device's: the
+        offloaded gradient shards are reduced where they live (the clipping norm, the fp16
+        inf check), which NCCL cannot do (torchtitan pairs them the same way)."""
+        backend = super()._backend_for(device)
+        if self.cpu_offload and self.backend == "auto" and device.type != "cpu" and backend:
+            return f"{device.type}:{backend},cpu:gloo"
+        return backend
+
+    @hookimpl
+    def on_init_end(self, run: Run) -> None:
+        """Before any compute: a meta-built model must be something ``init_weights`` can fill."""
+        _check_initialisable(run.model, self._init_fn)
+
+    def model_init_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Build the model on the ``meta`` device: shapes only, no memory, no random numbers.
+
+        ``wrap_model`` then shards it, materialises each rank's shards on the device and
+        initialises them (``init_weights``).
+        """
+        return torch.device("meta")
 
     # ------------------------------------------------------------------ wrapping
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Shard the chosen blocks, then the root; the model is changed in place and returned."""
+        """Shard the chosen blocks, then the root; the model is changed in place and returned.
+
+        A model with tensors on the meta device is sharded as it is, then each rank's shards
+        are materialised and initialised (``init_weights``); its other tensors keep their values.
+        """
         fsdp = _fsdp()
         from torch.distributed.device_mesh import init_device_mesh
 
-        model = self.precision.convert_module(model).to(self.device)
+        model = self.precision.convert_module(model)
+        pending = _meta_tensors(model)
+        if pending:
+            _check_initialisable(model, self._init_fn)
+            _move_real_tensors(model, self.device)  # ``model.to`` fails on meta tensors
+        else:
+            model = model.to(self.device)
         if self.sync_module_states and self.world_size > 1:
             _broadcast_from_rank0(model)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
@@ -157,8 +241,40 @@ class FSDPStrategy(TorchDistributed):
         for unit in self._units(model):
             fsdp.fully_shard(unit, **options)
         fsdp.fully_shard(model, **options)
+        if pending:
+            self._materialise(model, pending)
         self._model = model
         return model
+
+    def _materialise(self, model: nn.Module, pending: list[_MetaTensors]) -> None:
+        """Give every meta tensor memory on this rank (its shard only), then initialise it.
+
+        ``to_empty`` replaces every tensor, so the values of the ones that were not on meta
+        are kept aside and put back.
+        """
+        kept = [
+            (module, name, tensor.detach().clone())
+            for module in model.modules()
+            for name, tensor in [
+                *module._parameters.items(),
+                *module._buffers.items(),
+            ]
+            if tensor is not None and not tensor.is_meta
+        ]
+        # CPU offload keeps the shards in CPU memory; FSDP moves them for compute
+        model.to_empty(device=torch.device("cpu") if self.cpu_offload else self.device)
+        with torch.no_grad():
+            for module, name, value in kept:  # by name: to_empty replaces buffer objects
+                getattr(module, name).copy_(value)
+        del kept
+        seed = self.init_seed if self.init_seed is not None else (self._run_seed or 0)
+        devices = [self.device] if self.device.type != "cpu" else []
+        # forked: initialising leaves the run's random stream where set-up put it
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(seed)
+            done: set[int] = set()
+            for entry in pending:
+                _initialise(entry, self._init_fn, self.device, done)
 
     def _units(self, model: nn.Module) -> list[nn.Module]:
         """The submodules to shard as units, innermost first (a unit inside another goes first)."""
@@ -280,6 +396,179 @@ def _by_size(model: nn.Module, min_num_params: int) -> list[nn.Module]:
 
     visit(model)
     return units
+
+
+# ------------------------------------------------------------------ meta-device initialisation
+
+
+def reset_parameters(module: nn.Module) -> None:
+    """The default ``init_weights``: ``module.reset_parameters()``, as torch.nn layers call
+    when built normally (a module without one must hold no parameters or buffers)."""
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        reset()
+
+
+class _MetaTensors:
+    """One module and the names of its own parameters and buffers that were on meta."""
+
+    __slots__ = ("buffers", "module", "name", "params")
+
+    def __init__(self, name: str, module: nn.Module, params: list[str], buffers: list[str]):
+        self.name, self.module, self.params, self.buffers = name, module, params, buffers
+
+
+def _resolve_init(value: Any) -> Callable[[nn.Module], Any] | None:
+    """The function ``init_weights`` names (None for ``"none"``)."""
+    if value == _DEFAULT_INIT:
+        return reset_parameters
+    if value == _NO_INIT:
+        return None
+    if isinstance(value, str) and ":" in value:
+        from treadle.cli import import_path
+
+        value = import_path(value)
+    if not callable(value):
+        raise ConfigError(
+            f"strategy 'fsdp': init_weights={value!r} is not allowed; give "
+            f"{_DEFAULT_INIT!r}, {_NO_INIT!r} (weights loaded later), a function f(module) or "
+            "'package.module:function'"
+        )
+    return value  # type: ignore[no-any-return]
+
+
+def _meta_tensors(model: nn.Module) -> list[_MetaTensors]:
+    """The modules owning meta tensors, in ``model.modules()`` order (construction order for
+    the usual model, so the initialisation draws random numbers in the same order)."""
+    found = []
+    for name, module in model.named_modules():
+        params = [n for n, p in module.named_parameters(recurse=False) if p.is_meta]
+        buffers = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if params or buffers:
+            found.append(_MetaTensors(name, module, params, buffers))
+    return found
+
+
+def _check_initialisable(model: nn.Module, init: Callable[[nn.Module], Any] | None) -> None:
+    """With the default ``init_weights``, every module owning meta tensors needs
+    ``reset_parameters``; with ``"none"`` no meta buffer may be non-persistent (no checkpoint
+    holds it, so no load would set it); a custom function is trusted."""
+    if init is None:
+        transient = [
+            f"{entry.name or '(root)'}.{name}"
+            for entry in _meta_tensors(model)
+            for name in entry.buffers
+            if name in entry.module._non_persistent_buffers_set
+        ]
+        if transient:
+            raise ConfigError(
+                "strategy 'fsdp': init_weights='none' leaves a meta model's tensors for a "
+                "later load, but these buffers are non-persistent (in no state dict, so no "
+                f"load sets them): {', '.join(transient)}. Give init_weights a function "
+                "f(module) (or keep 'reset_parameters') so that they are computed"
+            )
+        return
+    if init is not reset_parameters:
+        return
+    missing = [
+        f"{entry.name or '(root)'} ({type(entry.module).__name__}: "
+        f"{', '.join(entry.params + entry.buffers)})"
+        for entry in _meta_tensors(model)
+        if not callable(getattr(entry.module, "reset_parameters", None))
+    ]
+    if missing:
+        raise ConfigError(
+            "strategy 'fsdp': the model was built on the meta device (model_init_context), "
+            "but these modules hold meta parameters or buffers and have no reset_parameters() "
+            f"to initialise them: {'; '.join(missing)}. Give the strategy init_weights=f, a "
+            "function f(module) that initialises one module's own parameters and buffers "
+            "('package.module:function' in a run file), or add reset_parameters() to those "
+            "classes, or pass init_weights='none' and load the weights after set-up (resume, "
+            "or run.strategy.load_model_state_dict)"
+        )
+
+
+def _move_real_tensors(model: nn.Module, device: torch.device) -> None:
+    """Move the tensors that are not on meta to ``device`` (ties kept: same objects)."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if not tensor.is_meta and tensor.device != device:
+                tensor.data = tensor.data.to(device)
+
+
+def _initialise(
+    entry: _MetaTensors,
+    init: Callable[[nn.Module], Any] | None,
+    device: torch.device,
+    done: set[int],
+) -> None:
+    """Initialise one module's formerly-meta tensors: ``init`` runs on full-size temporaries
+    (so it sees the shapes and draws the numbers a normally built module would), then this
+    rank copies its own shard of each. A tensor shared by several modules (``done`` holds the
+    ones already set) keeps the values of the first; the others still draw theirs, as each
+    module does when built normally before the weights are tied."""
+    module = entry.module
+    targets: dict[str, Any] = {n: module._parameters[n] for n in entry.params}
+    buffers: dict[str, Any] = {n: module._buffers[n] for n in entry.buffers}
+    if init is None:  # weights come later: NaN makes a forgotten load show at the first step
+        with torch.no_grad():
+            for tensor in [*targets.values(), *buffers.values()]:
+                _local(tensor).fill_(float("nan") if tensor.is_floating_point() else 0)
+        return
+    for name, param in targets.items():
+        module._parameters[name] = nn.Parameter(
+            torch.empty(param.shape, dtype=param.dtype, device=device),
+            requires_grad=param.requires_grad,
+        )
+    for name, buffer in buffers.items():
+        module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
+    try:
+        init(module)
+        values = {
+            **{n: module._parameters[n] for n in targets},
+            **{n: module._buffers[n] for n in buffers},
+        }
+    finally:
+        for name, param in targets.items():
+            module._parameters[name] = param
+        for name, buffer in buffers.items():
+            module._buffers[name] = buffer
+    with torch.no_grad():
+        for name, tensor in {**targets, **buffers}.items():
+            value = values[name]
+            if value is None or tuple(value.shape) != tuple(tensor.shape):
+                raise ConfigError(
+                    f"strategy 'fsdp': init_weights replaced {entry.name or '(root)'}.{name} "
+                    f"with {None if value is None else tuple(value.shape)}; it must keep the "
+                    f"shape {tuple(tensor.shape)}"
+                )
+            if id(tensor) in done:
+                continue
+            done.add(id(tensor))
+            _local(tensor).copy_(_shard_of(value.detach(), tensor))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's storage of ``tensor``: the local shard of a DTensor, else the tensor."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
+def _shard_of(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full``, laid out as ``target`` (a DTensor shard, or all of it)."""
+    mesh = getattr(target, "device_mesh", None)
+    if mesh is None:
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every rank cuts its own slice, no communication
+    shard = distribute_tensor(full, mesh, target.placements, src_data_rank=None).to_local()
+    if shard.shape != _local(target).shape:  # FSDP's layout is DTensor's; check, not assume
+        raise RuntimeError(
+            f"strategy 'fsdp': shard of shape {tuple(shard.shape)} for a local tensor of "
+            f"shape {tuple(_local(target).shape)}"
+        )
+    return shard
 
 
 def _broadcast_from_rank0(model: nn.Module) -> None:
