@@ -166,7 +166,7 @@ def test_the_last_steps_norm_goes_into_the_training_record_read_once_per_log() -
     assert run.state.last_metrics["grad_norm"] == strategy.norms[5]
 
 
-def test_log_every_on_the_plugin_picks_training_records() -> None:
+def _logs_with(plugin_log_every: int, max_steps: int, log_every: int) -> list[dict[str, Any]]:
     probe = GradProbe()
     run = treadle.Run(
         model=make_model(),
@@ -174,27 +174,20 @@ def test_log_every_on_the_plugin_picks_training_records() -> None:
         strategy=SingleDevice("cpu"),
         loggers=[],
         checkpoint=None,
-        plugins=[GradClip(max_norm=1.0, log_every=4), probe],
+        plugins=[GradClip(max_norm=1.0, log_every=plugin_log_every), probe],
         loss_fn=mse,
-        config=treadle.Config(max_steps=6, log_every=2),
+        config=treadle.Config(max_steps=max_steps, log_every=log_every),
     )
     run.fit()
-    assert [m["step"] for m in probe.logs] == [2, 4, 6]
-    assert [m["step"] for m in probe.logs if "grad_norm" in m] == [4]
+    return probe.logs
+
+
+def test_log_every_on_the_plugin_picks_training_records() -> None:
+    logs = _logs_with(4, max_steps=6, log_every=2)
+    assert [m["step"] for m in logs] == [2, 4, 6]
+    assert [m["step"] for m in logs if "grad_norm" in m] == [4]
     # log_every=0 on the plugin: never
-    probe = GradProbe()
-    fit_run = treadle.Run(
-        model=make_model(),
-        train_data=make_batches(),
-        strategy=SingleDevice("cpu"),
-        loggers=[],
-        checkpoint=None,
-        plugins=[GradClip(max_norm=1.0, log_every=0), probe],
-        loss_fn=mse,
-        config=treadle.Config(max_steps=2, log_every=1),
-    )
-    fit_run.fit()
-    assert not any("grad_norm" in m for m in probe.logs)
+    assert not any("grad_norm" in m for m in _logs_with(0, max_steps=2, log_every=1))
 
 
 def test_clip_by_value() -> None:
