@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from treadle import registry
+from treadle.components import Strategy
 from treadle.config import Config
 from treadle.errors import ConfigError, TreadleError
-from treadle.run import Run, seed_everything
+from treadle.run import Run, _component, seed_everything
 
 __all__ = ["build_run", "main"]
 
@@ -91,14 +92,17 @@ def build_run(path: str | Path, overrides: Mapping[str, Any] | None = None) -> R
         if directory not in sys.path:
             sys.path.insert(0, directory)
     seed_everything(config.seed)  # the model factory draws its initial weights from here
-    model = _call_factory("model", spec["model"])
-    kwargs: dict[str, Any] = {"config": config}
+    # the strategy first: a large model is built in its model-init context (meta, ZeRO-3)
+    strategy = _component("strategy", spec.get("strategy", "single"), Strategy)
+    with strategy.model_init_context():
+        model = _call_factory("model", spec["model"])
+    kwargs: dict[str, Any] = {"config": config, "strategy": strategy}
     for key in ("train_data", "eval_data"):
         if key in spec:
             kwargs[key] = _call_factory(key, spec[key])
     if "loss_fn" in spec:
         kwargs["loss_fn"] = import_path(spec["loss_fn"])
-    for key in ("strategy", "precision", "optimizer", "scheduler", "checkpoint"):
+    for key in ("precision", "optimizer", "scheduler", "checkpoint"):
         if key in spec:
             kwargs[key] = spec[key]
     if "loggers" in spec:

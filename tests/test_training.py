@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 import toy
 from safetensors.torch import load_file
@@ -129,6 +131,42 @@ def test_toml_overrides_and_errors(tmp_path: Path) -> None:
         assert "unknown keys ['foo']" in str(exc)
     else:
         raise AssertionError("no error for an unknown top-level key")
+
+
+def test_a_run_file_builds_its_model_in_the_strategys_init_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What lets a run file build a model on the meta device (fsdp) or partitioned (ZeRO-3)."""
+    import contextlib
+
+    from treadle.cli import build_run
+    from treadle.plugins.strategies.single import SingleDevice
+
+    built_inside: list[bool] = []
+    inside = False
+
+    @contextlib.contextmanager
+    def init_context(self: SingleDevice) -> Any:
+        nonlocal inside
+        inside = True
+        yield
+        inside = False
+
+    def model() -> torch.nn.Module:
+        built_inside.append(inside)
+        return toy.model()
+
+    monkeypatch.setattr(SingleDevice, "model_init_context", init_context)
+    monkeypatch.setattr(toy, "model_in_context", model, raising=False)
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(
+        'model = "toy:model_in_context"\ntrain_data = "toy:train_data"\n'
+        'strategy = { name = "single", device = "cpu" }\n'
+    )
+    sys.path.insert(0, FIXTURES)
+    with build_run(run_file) as run:
+        assert built_inside == [True]
+        assert isinstance(run.strategy, SingleDevice) and run.strategy.device.type == "cpu"
 
 
 def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
