@@ -52,20 +52,18 @@ def fit(run: Run) -> State:
     model.train()
     meter = _Meter(run)
     run.emit("on_fit_begin", run=run)
-    while not run.is_stopping() and not _limit_reached(run, max_epochs):
+    while not run._stopping and not _limit_reached(run, max_epochs):
         epoch = state.epoch
         run.emit("on_epoch_begin", run=run, epoch=epoch)
         for window in _windows(_epoch_batches(run, loader), config.grad_accum_steps):
-            # decided per step: a hook may add a plugin (and so a provider) mid-fit
-            plain = plain_step_applies(run)
-            loss = _train_step(run, model, optimizer, window, plain)
+            loss = _train_step(run, model, optimizer, window, run._plain_step)
             meter.add(loss)
             if (hook := run._listeners.get("on_step_end")) is not None:  # run.emit, inlined
                 hook(run=run, loss=loss)
             _step_boundary(run, meter)
-            if run.is_stopping():
+            if run._stopping:
                 break
-        exhausted = not run.is_stopping() or (
+        exhausted = not run._stopping or (
             batches_per_epoch is not None and state.batch_in_epoch >= batches_per_epoch
         )
         if exhausted:
@@ -99,16 +97,9 @@ def plain_step_applies(run: Run) -> bool:
     ``compute_loss`` are the kernel's own, and the strategy and precision inherit every method
     the step calls from the bases, which do nothing there beyond moving the batch, back-
     propagating and stepping. The check is on the methods, not on names: a strategy or
-    precision plugin that overrides any of them gets the full path. Cached per run and
-    refreshed with the run's listeners.
+    precision plugin that overrides any of them gets the full path. The run asks whenever its
+    listeners change (``run._plain_step``), so a plugin added mid-fit counts from the next step.
     """
-    key = (run._listeners_version, run.config.grad_accum_steps, run.config.loss_normalization)
-    if run._plain_key != key:
-        run._plain_key, run._plain = key, _plain(run)
-    return run._plain
-
-
-def _plain(run: Run) -> bool:
     config, listeners = run.config, run._listeners
     return (
         config.grad_accum_steps == 1
@@ -152,10 +143,12 @@ def _train_step(
         batch = move_to_device(window[0], strategy.device)
         if (hook := hooks.get("on_micro_step_begin")) is not None:
             hook(run=run, batch=batch)
-        outputs = defaults.forward(model, batch)
-        loss = run.loss_fn(outputs, batch) if run.loss_fn is not None else (
-            defaults.loss_from_outputs(outputs))  # fmt: skip
-        value = defaults.backward_value(loss, "mean")
+        outputs = model(**batch) if type(batch) is dict else defaults.forward(model, batch)
+        if run.loss_fn is not None:
+            loss = run.loss_fn(outputs, batch)
+        elif type(outputs) is not dict or (loss := outputs.get("loss")) is None:
+            loss = defaults.loss_from_outputs(outputs)
+        value = loss if isinstance(loss, torch.Tensor) else defaults.backward_value(loss, "mean")
         # run.backward, inlined
         if (hook := hooks.get("on_before_backward")) is not None:
             hook(run=run, loss=value)

@@ -150,9 +150,7 @@ class Run:
             self._register(plugin, name)
         self._check_hooks()
         self._listeners: dict[str, Any] = {}
-        self._listeners_version = 0  # bumped by each refresh; loop.plain_step_applies caches on it
-        self._plain_key: tuple[Any, ...] | None = None
-        self._plain = False
+        self._plain_step = False  # loop.plain_step_applies, asked at each refresh
         self._refresh_listeners()
         self.emit("on_init_end", run=self)
 
@@ -366,7 +364,6 @@ class Run:
     def _refresh_listeners(self) -> None:
         """Learn which hooks have implementations; the others are skipped by ``emit``."""
         self._listeners.clear()
-        self._listeners_version += 1
         for hook_name in dir(self.plugin_manager.hook):
             caller = getattr(self.plugin_manager.hook, hook_name)
             if not isinstance(caller, pluggy.HookCaller):
@@ -376,6 +373,7 @@ class Run:
                 self._listeners[hook_name] = impls[0].function  # the kernel's default, direct
             elif impls:
                 self._listeners[hook_name] = caller
+        self._plain_step = loop.plain_step_applies(self)
 
     def add_plugin(self, plugin: Any) -> None:
         """Register one more plugin (an object, module, name or option mapping)."""

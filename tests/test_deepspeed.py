@@ -64,16 +64,17 @@ def test_zero_1_2_3_reach_the_weights_of_one_process(tmp_path: Path) -> None:
     expected, expected_eval = _reference_run(tmp_path, **settings)
     results = testing.run_distributed(
         ds_workers.train,
-        [{"stage": 1}, {"stage": 2}, {"stage": 3}],
+        # the last: ZeRO 3 with the model built partitioned (zero.Init), as a run file does
+        [{"stage": 1}, {"stage": 2}, {"stage": 3}, {"stage": 3, "init_context": True}],
         settings,
         str(tmp_path / "ds"),
         timeout=TIMEOUT,
     )
-    for stage, result in zip((1, 2, 3), results[0], strict=True):
+    for index, (stage, result) in enumerate(zip((1, 2, 3, 3), results[0], strict=True)):
         assert result["world_size"] == 2 and result["step"] == 6, stage
         _assert_close(result["weights"], expected)
         # evaluation through the engine (ZeRO 3 gathers parameters for it), over both ranks
-        assert results[1][stage - 1]["eval"] == result["eval"]
+        assert results[1][index]["eval"] == result["eval"]
         assert result["eval"] == pytest.approx(expected_eval, rel=RTOL, abs=ATOL), stage
 
 

@@ -551,14 +551,17 @@ def alternate(
     """Run ``names`` in turn, ``rounds`` times; one fresh process each.
 
     A first, untimed round (``make_spec(name, warm_up=True)``) fills the byte-code and file
-    caches, so that the first timed process of each contender starts as the others do.
+    caches, so that the first timed process of each contender starts as the others do. Each
+    round starts one contender later than the last (A B C, B C A, C A B, ...), so that no
+    contender always runs first, or always right after the same other one.
     """
     for name in names:
         result = spawn(make_spec(name, warm_up=True), env, timeout)
         print(f"[{workload} warm-up] {name}: {_progress(result)}", file=sys.stderr, flush=True)
     records = []
     for round_ in range(rounds):
-        for name in names:
+        shift = round_ % len(names)
+        for name in [*names[shift:], *names[:shift]]:
             result = spawn(make_spec(name), env, timeout)
             record = {"workload": workload, "contender": name, "round": round_, **result}
             recorder.add(record)
