@@ -135,10 +135,10 @@ def predict_step(run: Run, model: nn.Module, batch: Any) -> Any:
 
 def batch_rows(batch: Any) -> int:
     """The number of examples in a batch: the first dimension of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, (dict, Mapping)):  # dict first: it spares the ABC check
+    if type(batch) is dict or isinstance(batch, Mapping):  # dict first: it spares the ABC check
         values: Iterable[Any] = batch.values()
+    elif isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
     elif isinstance(batch, Iterable) and not isinstance(batch, str | bytes):
         values = batch
     else:

@@ -56,7 +56,8 @@ def fit(run: Run) -> State:
         epoch = state.epoch
         run.emit("on_epoch_begin", run=run, epoch=epoch)
         for window in _windows(_epoch_batches(run, loader), config.grad_accum_steps):
-            loss = _train_step(run, model, optimizer, window, run._plain_step)
+            step = _plain_step if run._plain_step else _train_step
+            loss = step(run, model, optimizer, window)
             meter.add(loss)
             if (hook := run._listeners.get("on_step_end")) is not None:  # run.emit, inlined
                 hook(run=run, loss=loss)
@@ -91,19 +92,21 @@ def fit(run: Run) -> State:
 
 
 def plain_step_applies(run: Run) -> bool:
-    """Whether a step may skip the component calls, doing exactly what they would do.
+    """Whether a step may be ``_plain_step``: the same arithmetic without the component calls.
 
-    That is so when a step is one micro-batch in ``mean`` mode, ``training_step`` and
-    ``compute_loss`` are the kernel's own, and the strategy and precision inherit every method
-    the step calls from the bases, which do nothing there beyond moving the batch, back-
-    propagating and stepping. The check is on the methods, not on names: a strategy or
-    precision plugin that overrides any of them gets the full path. The run asks whenever its
-    listeners change (``run._plain_step``), so a plugin added mid-fit counts from the next step.
+    That is so when a step is one micro-batch in ``mean`` mode, no plugin listens to an event
+    inside the step (``on_step_end`` is after it), ``training_step`` and ``compute_loss`` are
+    the kernel's own, and the strategy and precision inherit every method the step calls from
+    the bases, which do nothing there beyond moving the batch, back-propagating and stepping.
+    The check is on the methods, not on names: a strategy or precision plugin that overrides
+    any of them gets the full step. The run asks whenever its listeners change
+    (``run._plain_step``), so a plugin added mid-fit counts from the next step.
     """
     config, listeners = run.config, run._listeners
     return (
         config.grad_accum_steps == 1
         and config.loss_normalization == "mean"
+        and not any(hook in listeners for hook in _EVENTS_INSIDE_A_STEP)
         and listeners.get("training_step") is defaults.training_step
         and listeners.get("compute_loss") is defaults.compute_loss
         and _inherits(run.strategy, Strategy, _STRATEGY_STEP_METHODS)
@@ -111,6 +114,9 @@ def plain_step_applies(run: Run) -> bool:
     )
 
 
+_EVENTS_INSIDE_A_STEP = ("on_step_begin", "on_micro_step_begin", "on_before_backward",
+                         "on_after_backward", "on_micro_step_end", "on_before_optimizer_step",
+                         "on_after_optimizer_step")  # fmt: skip
 _STRATEGY_STEP_METHODS = ("to_device", "forward_context", "backward", "finalize_gradients",
                           "divide_gradients", "optimizer_step")  # fmt: skip
 _PRECISION_STEP_METHODS = ("convert_input", "forward_context", "scale_loss", "unscale_gradients",
@@ -121,15 +127,37 @@ def _inherits(component: object, base: type, names: tuple[str, ...]) -> bool:
     return all(getattr(type(component), name) is getattr(base, name) for name in names)
 
 
-def _train_step(
-    run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: list[Any],
-    plain: bool = False,
-) -> torch.Tensor:  # fmt: skip
-    """One optimizer step over a window of micro-batches; returns the step's loss on device.
+def _plain_step(
+    run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: list[Any]
+) -> torch.Tensor:
+    """``_train_step`` where ``plain_step_applies``: what its component calls would do, inline."""
+    state, batch = run.state, move_to_device(window[0], run.strategy.device)
+    outputs = model(**batch) if type(batch) is dict else defaults.forward(model, batch)
+    if run.loss_fn is not None:
+        loss = run.loss_fn(outputs, batch)
+    elif type(outputs) is not dict or (loss := outputs.get("loss")) is None:
+        loss = defaults.loss_from_outputs(outputs)
+    value = loss if isinstance(loss, torch.Tensor) else defaults.backward_value(loss, "mean")
+    torch.autograd.backward(value)
+    state.micro_step += 1
+    state.samples_seen += batch_rows(batch)
+    if run._skip_reason is not None:  # run.skip_step() from outside the step
+        state.skipped_steps += 1
+        run._skip_reason = None
+    else:
+        optimizer.step()
+        if run.scheduler is not None:
+            run.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.batch_in_epoch += 1
+    return value.detach()
 
-    ``plain`` (see ``plain_step_applies``): the window is one batch and the component calls
-    are made inline, with the same events in the same order and the same arithmetic.
-    """
+
+def _train_step(
+    run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: list[Any]
+) -> torch.Tensor:
+    """One optimizer step over a window of micro-batches; returns the step's loss on device."""
     state, strategy = run.state, run.strategy
     normalization = run.config.loss_normalization
     # run.emit, inlined: only hooks with implementations are in run._listeners (the run keeps
@@ -139,56 +167,31 @@ def _train_step(
         hook(run=run)
     total: torch.Tensor | None = None
     count: torch.Tensor | int = 0
-    if plain:
-        batch = move_to_device(window[0], strategy.device)
+    last = len(window) - 1
+    for index, batch in enumerate(window):
+        batch = strategy.to_device(batch)
         if (hook := hooks.get("on_micro_step_begin")) is not None:
             hook(run=run, batch=batch)
-        outputs = model(**batch) if type(batch) is dict else defaults.forward(model, batch)
-        if run.loss_fn is not None:
-            loss = run.loss_fn(outputs, batch)
-        elif type(outputs) is not dict or (loss := outputs.get("loss")) is None:
-            loss = defaults.loss_from_outputs(outputs)
-        value = loss if isinstance(loss, torch.Tensor) else defaults.backward_value(loss, "mean")
-        # run.backward, inlined
-        if (hook := hooks.get("on_before_backward")) is not None:
-            hook(run=run, loss=value)
-        torch.autograd.backward(value)
-        if (hook := hooks.get("on_after_backward")) is not None:
-            hook(run=run)
-        total, count = value.detach(), 1
+        if index < last:  # gradients are synchronised across ranks on the last micro-batch only
+            with strategy.no_sync(model):
+                loss = run.provide("training_step", run=run, model=model, batch=batch)
+        else:
+            loss = run.provide("training_step", run=run, model=model, batch=batch)
+        part, items = _loss_parts(loss, normalization)
+        total = part if total is None else total + part
+        count = count + items
         state.micro_step += 1
         state.samples_seen += batch_rows(batch)
         if (hook := hooks.get("on_micro_step_end")) is not None:
             hook(run=run, loss=loss)
-    else:
-        last = len(window) - 1
-        for index, batch in enumerate(window):
-            batch = strategy.to_device(batch)
-            if (hook := hooks.get("on_micro_step_begin")) is not None:
-                hook(run=run, batch=batch)
-            if index < last:  # gradients are synchronised across ranks on the last one only
-                with strategy.no_sync(model):
-                    loss = run.provide("training_step", run=run, model=model, batch=batch)
-            else:
-                loss = run.provide("training_step", run=run, model=model, batch=batch)
-            part, items = _loss_parts(loss, normalization)
-            total = part if total is None else total + part
-            count = count + items
-            state.micro_step += 1
-            state.samples_seen += batch_rows(batch)
-            if (hook := hooks.get("on_micro_step_end")) is not None:
-                hook(run=run, loss=loss)
-        strategy.finalize_gradients(optimizer, count)
     assert total is not None
+    strategy.finalize_gradients(optimizer, count)
     if (hook := hooks.get("on_before_optimizer_step")) is not None:
         hook(run=run, optimizer=optimizer)
-    if run._skip_reason is not None:  # a plugin dropped this step with run.skip_step()
-        stepped, run._skip_reason = False, None
-    elif plain:
-        optimizer.step()
-        stepped = True
-    else:
+    if run._skip_reason is None:
         stepped = strategy.optimizer_step(optimizer)
+    else:  # a plugin dropped this step with run.skip_step()
+        stepped, run._skip_reason = False, None
     if (hook := hooks.get("on_after_optimizer_step")) is not None:
         hook(run=run, optimizer=optimizer)
     if not stepped:

@@ -20,50 +20,27 @@ from treadle.plugins.precision import BF16Mixed
 from treadle.plugins.strategies.single import SingleDevice
 
 
-class Events:
-    """Records every per-step event with the loss it saw."""
+class StepEnds:
+    """Records each step's loss (after the step, outside it) and drops step 4 from outside."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, int, float | None]] = []
-
-    def _add(self, name: str, run: treadle.Run, loss: Any = None) -> None:
-        if isinstance(loss, treadle.LossSum):
-            loss = loss.total / loss.count
-        self.calls.append((name, run.state.step, None if loss is None else float(loss.detach())))
-
-    @treadle.hookimpl
-    def on_step_begin(self, run: treadle.Run) -> None:
-        self._add("step_begin", run)
-
-    @treadle.hookimpl
-    def on_micro_step_begin(self, run: treadle.Run) -> None:
-        self._add("micro_begin", run)
-
-    @treadle.hookimpl
-    def on_before_backward(self, run: treadle.Run, loss: torch.Tensor) -> None:
-        self._add("before_backward", run, loss)
-
-    @treadle.hookimpl
-    def on_after_backward(self, run: treadle.Run) -> None:
-        self._add("after_backward", run)
-
-    @treadle.hookimpl
-    def on_micro_step_end(self, run: treadle.Run, loss: Any) -> None:
-        self._add("micro_end", run, loss)
-
-    @treadle.hookimpl
-    def on_before_optimizer_step(self, run: treadle.Run) -> None:
-        self._add("before_optimizer_step", run)
-        if run.state.step == 3:
-            run.skip_step("test: a skipped step takes the same path")
-
-    @treadle.hookimpl
-    def on_after_optimizer_step(self, run: treadle.Run) -> None:
-        self._add("after_optimizer_step", run)
+        self.calls: list[tuple[int, float]] = []
 
     @treadle.hookimpl
     def on_step_end(self, run: treadle.Run, loss: torch.Tensor) -> None:
-        self._add("step_end", run, loss)
+        self.calls.append((run.state.step, float(loss)))
+        if run.state.step == 3:
+            run.skip_step("test: a step dropped from outside it takes the same path")
+
+
+def _listens_to(event: str) -> object:
+    """A plugin with one implementation: ``event``, doing nothing."""
+
+    def impl(self: object, run: treadle.Run) -> None:
+        pass
+
+    impl.__name__ = event
+    return type(f"Listens_{event}", (), {event: treadle.hookimpl(impl)})()
 
 
 def _run(tmp_path: Path, **options: Any) -> treadle.Run:
@@ -92,7 +69,7 @@ def _train(tmp_path: Path, plain: bool | None, monkeypatch: pytest.MonkeyPatch, 
         return decided[-1] if plain is None else plain
 
     monkeypatch.setattr(loop, "plain_step_applies", decide)
-    events = Events()
+    events = StepEnds()
     with _run(tmp_path, plugins=[events], **options) as run:
         run.fit()
         weights = {k: v.clone() for k, v in run.model.state_dict().items()}
@@ -112,8 +89,8 @@ def test_plain_path_matches_the_full_path_bit_for_bit(
 ) -> None:
     plain = _train(tmp_path / "plain", True, monkeypatch, loss_fn=loss_fn)
     full = _train(tmp_path / "full", False, monkeypatch, loss_fn=loss_fn)
-    assert plain[1] == full[1]  # the same events, in order, with the same losses
-    assert len(plain[1]) == 12 * 8
+    assert plain[1] == full[1]  # the same losses, step by step
+    assert len(plain[1]) == 12
     for name, tensor in full[0].items():
         assert torch.equal(plain[0][name], tensor), name
     for field in ("step", "micro_step", "samples_seen", "skipped_steps", "batch_in_epoch"):
@@ -164,11 +141,20 @@ def test_anything_the_plain_path_would_skip_takes_the_full_path(
 ) -> None:
     extra = options.pop("plugins", [])
     options.setdefault("config", {})
-    events = Events()
-    with _run(tmp_path, plugins=[events, *extra], **options) as run:
+    with _run(tmp_path, plugins=[StepEnds(), *extra], **options) as run:
+        assert loop.plain_step_applies(run) is False
         run.fit()
         assert run.state.step == 12
-        assert loop.plain_step_applies(run) is False
+
+
+@pytest.mark.parametrize("event", loop._EVENTS_INSIDE_A_STEP)
+def test_a_listener_inside_the_step_takes_the_full_path(tmp_path: Path, event: str) -> None:
+    with _run(tmp_path) as run:
+        assert run._plain_step
+        run.add_plugin(_listens_to(event))
+        assert not run._plain_step
+        run.fit()  # and the event reaches it (the hook-order tests check the order)
+        assert run.state.step == 12
 
 
 def test_a_plugin_added_mid_fit_is_honoured_at_the_next_step(
