@@ -52,7 +52,7 @@ def fit(run: Run) -> State:
     model.train()
     meter = _Meter(run)
     run.emit("on_fit_begin", run=run)
-    while not run._stopping and not _limit_reached(run, max_epochs):
+    while not run.is_stopping() and not _limit_reached(run, max_epochs):
         epoch = state.epoch
         run.emit("on_epoch_begin", run=run, epoch=epoch)
         for window in _windows(_epoch_batches(run, loader), config.grad_accum_steps):
@@ -62,9 +62,9 @@ def fit(run: Run) -> State:
             if (hook := run._listeners.get("on_step_end")) is not None:  # run.emit, inlined
                 hook(run=run, loss=loss)
             _step_boundary(run, meter)
-            if run._stopping:
+            if run.is_stopping():
                 break
-        exhausted = not run._stopping or (
+        exhausted = not run.is_stopping() or (
             batches_per_epoch is not None and state.batch_in_epoch >= batches_per_epoch
         )
         if exhausted:
@@ -132,12 +132,7 @@ def _plain_step(
 ) -> torch.Tensor:
     """``_train_step`` where ``plain_step_applies``: what its component calls would do, inline."""
     state, batch = run.state, move_to_device(window[0], run.strategy.device)
-    outputs = model(**batch) if type(batch) is dict else defaults.forward(model, batch)
-    if run.loss_fn is not None:
-        loss = run.loss_fn(outputs, batch)
-    elif type(outputs) is not dict or (loss := outputs.get("loss")) is None:
-        loss = defaults.loss_from_outputs(outputs)
-    value = loss if isinstance(loss, torch.Tensor) else defaults.backward_value(loss, "mean")
+    value = defaults.backward_value(defaults.compute_loss(run, model, batch), "mean")
     torch.autograd.backward(value)
     state.micro_step += 1
     state.samples_seen += batch_rows(batch)

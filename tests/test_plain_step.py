@@ -140,7 +140,6 @@ def test_anything_the_plain_path_would_skip_takes_the_full_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
 ) -> None:
     extra = options.pop("plugins", [])
-    options.setdefault("config", {})
     with _run(tmp_path, plugins=[StepEnds(), *extra], **options) as run:
         assert loop.plain_step_applies(run) is False
         run.fit()
@@ -157,9 +156,7 @@ def test_a_listener_inside_the_step_takes_the_full_path(tmp_path: Path, event: s
         assert run.state.step == 12
 
 
-def test_a_plugin_added_mid_fit_is_honoured_at_the_next_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_plugin_added_mid_fit_is_honoured_at_the_next_step(tmp_path: Path) -> None:
     used: list[str] = []
 
     class Late:
