@@ -9,6 +9,7 @@ from treadle.checkpoint import load_weights
 from treadle.components import CheckpointFormat, Logger, Precision, Strategy
 from treadle.config import Config
 from treadle.errors import (
+    CheckpointError,
     ConfigError,
     MissingDependencyError,
     PluginError,
@@ -23,6 +24,7 @@ from treadle.run import Run, seed_everything
 from treadle.state import LossSum, State
 
 __all__ = [
+    "CheckpointError",
     "CheckpointFormat",
     "Config",
     "ConfigError",

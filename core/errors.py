@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "MissingDependencyError",
     "PluginError",
@@ -29,6 +30,12 @@ class TreadleWarning(UserWarning):
 
 class ConfigError(TreadleError, ValueError):
     """A value given to a run (config field, component option, argument) is not allowed."""
+
+
+class CheckpointError(TreadleError):
+    """A checkpoint on disk is damaged, hostile or unreadable; the message names the file and
+    the field. ``resume="auto"`` skips such a checkpoint (with a warning saying why) in favour
+    of the newest one that verifies."""
 
 
 class UnknownNameError(TreadleError, LookupError):
