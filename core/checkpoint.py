@@ -18,11 +18,15 @@ import os
 import random
 import re
 import shutil
+import stat
+import typing
 import warnings
 from collections.abc import Iterator, Mapping
+from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import attrs
 import numpy as np
 import torch
 from torch import nn
@@ -30,7 +34,8 @@ from torch import nn
 from treadle import registry
 from treadle.components import CheckpointFormat
 from treadle.data import ResumableSampler
-from treadle.errors import TreadleError, TreadleWarning
+from treadle.errors import CheckpointError, TreadleError, TreadleWarning
+from treadle.state import State
 
 if TYPE_CHECKING:
     from treadle.run import Run
@@ -79,8 +84,9 @@ def save(run: Run) -> Path:
     final = root / f"step-{state.step:06d}"
     tmp = root / f".step-{state.step:06d}.tmp"
     if run.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        _checked_root(root).mkdir(parents=True, exist_ok=True)
+        _recover(root)  # leftovers of an interrupted save; a planted link is unlinked here
+        tmp.mkdir()  # never through a link: mkdir fails on any existing name
     strategy.barrier()
     _write_json(tmp / f"rng-rank{strategy.rank:05d}.json", _rng_state(run.device), indent=None)
     plugin_state: dict[str, Any] = {}
@@ -105,23 +111,98 @@ def save(run: Run) -> Path:
     strategy.barrier()
     if run.is_main_process:
         _write_manifest(tmp)
-        if final.exists():  # saving the same step again: replace it only once the new one is whole
-            stale = root / f".step-{state.step:06d}.old"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_text_atomic(root / LATEST, final.name + "\n")
-        _fsync_dir(root)
+        _publish(root, tmp, final)
         _rotate(run, root, final)
     strategy.barrier()
     run.last_checkpoint = final
     run._last_save_step = state.step
     run.emit("on_save_end", run=run, path=final)
     return final
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final`` and point ``latest`` at it.
+
+    Saving a step that exists already (a run resumed from an older checkpoint into the same
+    directory) swaps two directories, which no portable rename does atomically. So ``latest``
+    first moves to the newest other checkpoint, the old ``final`` becomes ``.step-N.old``, the
+    new one takes its name, and only then is the old one deleted. A rename that fails puts the
+    old one back; a crash between the two renames leaves a complete ``.old`` that the next
+    start renames back (``_recover``).
+    """
+    if os.path.lexists(final):
+        others = [p for p in _step_dirs(root) if p != final]
+        if others:
+            _write_text_atomic(root / LATEST, max(others, key=_step_of).name + "\n")
+        old = final.with_name(f".{final.name}.old")
+        _remove_tree(old)
+        os.replace(final, old)  # renames a planted link itself, never what it points to
+        try:
+            os.replace(tmp, final)
+        except OSError as exc:
+            os.replace(old, final)
+            _write_text_atomic(root / LATEST, final.name + "\n")
+            raise CheckpointError(
+                f"cannot rename {tmp} to {final} ({exc}); the previous {final.name} is kept "
+                "and the new one stays in the hidden directory until the next save"
+            ) from exc
+        _remove_tree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_text_atomic(root / LATEST, final.name + "\n")
+    _fsync_dir(root)
+
+
+def _checked_root(root: Path) -> Path:
+    """``root`` itself: refused if it is a link (checkpoints would be written elsewhere)."""
+    if root.is_symlink():
+        raise CheckpointError(
+            f"{root} is a symbolic link; treadle never reads or writes checkpoints through a "
+            "link. To keep checkpoints on another disk, point Config.output_dir there instead"
+        )
+    return root
+
+
+def _recover(root: Path) -> None:
+    """Finish what an interrupted save or rotation left in ``root`` (main process only).
+
+    A ``.step-N.old`` whose ``step-N`` is missing (a crash between the two renames of a
+    re-save) is renamed back if it verifies; every other leftover (``.tmp``, ``.del``, an
+    ``.old`` with its ``step-N`` in place, a planted link of any of those names) is removed.
+    """
+    if not _checked_root(root).is_dir():
+        return
+    for entry in os.scandir(root):
+        match = _TEMP_DIR.match(entry.name)
+        if match is None and entry.name != f".{LATEST}.tmp":
+            continue
+        path = Path(entry.path)
+        final = root / f"step-{match.group(1)}" if match else None
+        if (
+            final is not None
+            and match is not None
+            and match.group(2) == "old"
+            and not os.path.lexists(final)
+            and not verify(path)
+        ):
+            os.replace(path, final)
+            warnings.warn(
+                f"{final.name} was hidden as {path.name} by an interrupted save; restored it",
+                TreadleWarning,
+                stacklevel=3,
+            )
+        else:
+            _remove_tree(path)
+    _fsync_dir(root)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete ``path`` whatever it is; a link is unlinked, never followed."""
+    if path.is_symlink() or (os.path.lexists(path) and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)  # rmtree does not follow links inside the tree
 
 
 def _save_sharded(
@@ -169,6 +250,10 @@ def _meta(run: Run, fmt: CheckpointFormat) -> dict[str, Any]:
         "monitor": config.monitor,
         "monitor_mode": config.monitor_mode,
         "metric": metric,
+        # a final stop at this step (resuming trains no further; not a preemption, not a
+        # limit: a larger max_steps trains on), and why an emergency checkpoint was written
+        "stopped": run._final_stop if run._stopping else None,
+        "emergency": run._emergency,
     }
 
 
@@ -180,10 +265,6 @@ def _rotate(run: Run, root: Path, newest: Path) -> None:
     path) are neither counted nor deleted: they are not this line's to judge.
     """
     config = run.config
-    for path in root.iterdir():
-        # Temporary directories of saves that crashed; nothing else writes here now.
-        if path.is_dir() and _TEMP_DIR.match(path.name):
-            shutil.rmtree(path, ignore_errors=True)
     if config.keep_last is None:
         return
     line = sorted((p for p in _step_dirs(root) if _step_of(p) <= _step_of(newest)), key=_step_of)
@@ -205,13 +286,13 @@ def _remove(path: Path) -> None:
     """Delete a checkpoint: renamed out of sight first, so no half-deleted one is ever seen."""
     trash = path.with_name(f".{path.name}.del")
     os.replace(path, trash)
-    shutil.rmtree(trash)
+    _remove_tree(trash)
 
 
 def _metric_of(path: Path) -> float | None:
     try:
         metric = _read_json(path / STATE).get("metric")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, CheckpointError):
         return None  # unreadable: never ranked, so only keep_last decides about it
     return float(metric) if isinstance(metric, int | float) and math.isfinite(metric) else None
 
@@ -222,55 +303,151 @@ def _metric_of(path: Path) -> float | None:
 def verify(path: Path) -> list[str]:
     """Problems with the checkpoint at ``path``: each names a missing, truncated or altered file.
 
-    Every file listed in ``manifest.json`` is checked for its size, then its SHA-256. An empty
-    list means the checkpoint is exactly as it was written.
+    The directory is listed first without following links: a link, a FIFO, a device or a
+    socket anywhere in it, or a file that ``manifest.json`` does not list, makes it damaged.
+    Every name in the manifest is checked before any file is opened; then each file's size,
+    then its SHA-256. An empty list means the checkpoint is exactly as it was written.
     """
     path = Path(path)
-    manifest_path = path / MANIFEST
     try:
-        files = _read_json(manifest_path)["files"]
-        entries = [(str(name), int(e["size"]), str(e["sha256"])) for name, e in files.items()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return [f"{manifest_path}: missing or unreadable manifest ({exc})"]
-    if STATE not in files:
-        return [f"{manifest_path}: does not list {STATE}"]
+        on_disk = _regular_files(path)
+        entries = _manifest_entries(path)
+    except CheckpointError as exc:
+        return [str(exc)]
     problems = []
     for name, size, digest in entries:
         file = path / name
-        if not file.is_file():
+        if file.is_dir():
+            problems.append(f"{path / MANIFEST}: the entry {name!r} is a directory, not a file")
+        elif name not in on_disk:
             problems.append(f"{file}: missing")
-        elif file.stat().st_size != size:
+        elif on_disk[name] != size:
             problems.append(
-                f"{file}: truncated or extended ({file.stat().st_size} bytes, {size} expected)"
+                f"{file}: truncated or extended ({on_disk[name]} bytes, {size} expected)"
             )
         elif _sha256(file) != digest:
             problems.append(f"{file}: altered (SHA-256 differs from the manifest)")
+    unlisted = sorted(on_disk.keys() - {MANIFEST} - {name for name, _, _ in entries})
+    if unlisted:
+        problems.append(f"{path}: files not listed in {MANIFEST}: {', '.join(unlisted)}")
     return problems
+
+
+def _regular_files(directory: Path) -> dict[str, int]:
+    """``{relative name: size}`` of every file under ``directory``, found without following
+    a link and without opening a file.
+
+    Raises:
+        CheckpointError: ``directory`` or anything in it is a link, a FIFO, a device or a
+            socket, or it cannot be listed.
+    """
+    found: dict[str, int] = {}
+    pending = [(directory, "")]
+    try:
+        if not stat.S_ISDIR(os.lstat(directory).st_mode):
+            raise CheckpointError(f"{directory}: {_kind(os.lstat(directory).st_mode)}")
+        while pending:
+            folder, prefix = pending.pop()
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    mode = entry.stat(follow_symlinks=False).st_mode
+                    name = prefix + entry.name
+                    if stat.S_ISDIR(mode):
+                        pending.append((Path(entry.path), name + "/"))
+                    elif stat.S_ISREG(mode):
+                        found[name] = entry.stat(follow_symlinks=False).st_size
+                    else:
+                        raise CheckpointError(f"{directory / name}: {_kind(mode)}")
+    except OSError as exc:
+        raise CheckpointError(f"{directory}: cannot be listed ({exc})") from exc
+    return found
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link; treadle never follows a link in a checkpoint"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    return "is not a regular file (a FIFO, socket or device); only regular files are read"
+
+
+def _manifest_entries(path: Path) -> list[tuple[str, int, str]]:
+    """``(name, size, sha256)`` of every file ``manifest.json`` lists, each name checked."""
+    manifest = path / MANIFEST
+    files = _read_json(manifest).get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest}: field 'files' must be an object, got {files!r:.80}")
+    entries = []
+    for name, entry in files.items():
+        _checked_name(path, name, manifest)
+        size = entry.get("size") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if not _is_int(size) or size < 0:
+            raise CheckpointError(
+                f"{manifest}: files[{name!r}].size must be a byte count, got {size!r:.80}"
+            )
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise CheckpointError(
+                f"{manifest}: files[{name!r}].sha256 must be 64 hex digits, got {digest!r:.80}"
+            )
+        entries.append((name, size, digest))
+    if STATE not in files:
+        raise CheckpointError(f"{manifest}: does not list {STATE}")
+    return entries
+
+
+def _checked_name(directory: Path, name: str, listed_in: Path) -> Path:
+    """``directory / name`` for a name read from a file, refused unless it stays inside."""
+    parts = name.split("/")
+    if "\0" in name or "\\" in name or any(part in ("", ".", "..") for part in parts):
+        raise CheckpointError(
+            f"{listed_in}: the entry {name!r} is not a relative name inside {directory} "
+            "(absolute, '..', empty parts, backslashes and NUL bytes are refused)"
+        )
+    return directory.joinpath(*parts)
 
 
 def find_resumable(root: Path) -> Path | None:
     """The newest checkpoint under ``root`` that verifies; damaged ones are skipped with a warning.
 
     Raises:
-        TreadleError: there are checkpoints, but none of them verifies.
+        CheckpointError: there are checkpoints, but none of them verifies.
     """
-    candidates = sorted(_step_dirs(Path(root)), key=_step_of, reverse=True)
+    candidates = _candidates(Path(root))
     for path in candidates:
         problems = verify(path)
         if not problems:
             return path
-        warnings.warn(
-            f"skipping damaged checkpoint {path}: {'; '.join(problems)}; trying the previous one",
-            TreadleWarning,
-            stacklevel=2,
-        )
+        _warn_skipped(path, "; ".join(problems))
     if candidates:
-        # Starting over would silently throw away the run: a person should decide.
-        raise TreadleError(
-            f"every checkpoint in {root} is damaged (see the warnings above); move them away "
-            "to start afresh, or pass Config.resume a checkpoint path"
-        )
+        raise _all_damaged(root)
     return None
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Every ``step-NNNNNN`` entry in ``root`` (links too: verify says why they are refused),
+    newest first."""
+    _checked_root(root)
+    if not root.is_dir():
+        return []
+    names = [name for name in os.listdir(root) if _STEP_DIR.match(name)]
+    return sorted((root / name for name in names), key=_step_of, reverse=True)
+
+
+def _warn_skipped(path: Path, why: str) -> None:
+    warnings.warn(
+        f"skipping damaged checkpoint {path}: {why}; trying the previous one",
+        TreadleWarning,
+        stacklevel=3,
+    )
+
+
+def _all_damaged(root: Path) -> CheckpointError:
+    # Starting over would silently throw away the run: a person should decide.
+    return CheckpointError(
+        f"every checkpoint in {root} is damaged (see the warnings above); move them away "
+        "to start afresh, or pass Config.resume a checkpoint path"
+    )
 
 
 def resolve(path: Path | str) -> Path:
@@ -297,9 +474,14 @@ def resolve(path: Path | str) -> Path:
 
 
 def _step_dirs(root: Path) -> list[Path]:
+    """The real ``step-NNNNNN`` directories in ``root`` (a link of that name is not one)."""
     if not root.is_dir():
         return []
-    return [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return [
+        Path(e.path)
+        for e in os.scandir(root)
+        if _STEP_DIR.match(e.name) and e.is_dir(follow_symlinks=False)
+    ]
 
 
 def _step_of(path: Path) -> int:
@@ -313,66 +495,245 @@ def _step_of(path: Path) -> int:
 def resume(run: Run) -> None:
     """Apply ``Config.resume``: "auto" (newest valid checkpoint, or a fresh start) or a path.
 
-    With "auto", a damaged checkpoint is skipped with a warning naming the bad file, in
-    favour of the previous one. An explicit path to one checkpoint must verify.
+    With "auto", a checkpoint that does not verify or does not load is skipped with a warning
+    saying why, in favour of the previous one. An explicit path must verify and load.
     """
+    root = checkpoints_dir(run)
+    if run.is_main_process:
+        _recover(root)
+    run.strategy.barrier()
     spec = run.config.resume
-    if spec == "auto":
-        path = find_resumable(checkpoints_dir(run))
-        if path is None:
-            run._resumed = True
-            return
-    else:
+    if spec != "auto":
         path = resolve(str(spec))
         problems = verify(path)
         if problems:
-            raise TreadleError(f"cannot resume from {path}: {'; '.join(problems)}")
-    load(run, path)
+            raise CheckpointError(f"cannot resume from {path}: {'; '.join(problems)}")
+        load(run, path)
+        return
+    candidates = _candidates(root)
+    for path in candidates:
+        problems = verify(path)
+        if not problems:
+            try:
+                load(run, path)
+                return
+            except CheckpointError as exc:
+                problems = [str(exc)]
+        _warn_skipped(path, "; ".join(problems))
+    if candidates:
+        raise _all_damaged(root)
+    run._resumed = True
 
 
 def load(run: Run, path: Path) -> None:
-    """Restore weights, optimizer, scheduler, precision, RNG, state and plugins' state."""
+    """Restore weights, optimizer, scheduler, precision, RNG, state and plugins' state.
+
+    Everything is read and checked before anything in the run changes, so a damaged
+    checkpoint (even one with a consistent manifest) fails with a ``CheckpointError`` naming
+    the file and the field and leaves the run as it was.
+    """
     fmt, strategy = run.checkpoint_format, run.strategy
     assert fmt is not None
-    meta = _read_json(path / STATE)
+    meta = _checked_meta(path)
     if meta.get("weights_only"):
-        raise TreadleError(
+        raise CheckpointError(
             f"{path} holds weights only (an export), not training state; resume from a "
             "checkpoint directory, or load these weights with treadle.load_weights(model, path)"
         )
+    if "state" not in meta:
+        raise CheckpointError(f"{path / STATE}: field 'state' is missing")
     if meta["format"] != fmt.name:
         raise TreadleError(
             f"checkpoint {path} was written by format {meta['format']!r}, but this run uses "
             f"{fmt.name!r}; pass checkpoint={meta['format']!r}"
         )
-    _check_data_position(run, path, meta.get("data") or {})
-    if fmt.sharded:
-        _load_sharded(run, fmt, path)
-    else:
-        strategy.load_model_state_dict(run.wrapped_model, fmt.load_model(path, run.model))
+    state = _checked_state(path / STATE, meta["state"])
+    rng = _read_rng(path, strategy.rank, meta.get("world_size"), run.device)
+    # Read (and check) every piece first; apply only when all of it is good.
+    optimizer_state = scheduler_state = None
+    if not fmt.sharded:
+        model_state = fmt.load_model(path, run.model)
         if run.optimizer is not None and (path / "optimizer.json").exists():
-            strategy.load_optimizer_state_dict(run.optimizer, _load_state(fmt, path, "optimizer"))
+            optimizer_state = _load_state(fmt, path, "optimizer")
+            _check_optimizer_state(path / "optimizer.json", optimizer_state, run.optimizer)
     if run.scheduler is not None and (path / "scheduler.json").exists():
-        run.scheduler.load_state_dict(_load_state(fmt, path, "scheduler"))
-    run.precision.load_state_dict(_load_state(fmt, path, "precision"))
-    for key, value in meta["state"].items():
+        scheduler_state = _load_state(fmt, path, "scheduler")
+        _check_like(path / "scheduler.json", scheduler_state, run.scheduler.state_dict(), "value")
+    precision_state = _load_state(fmt, path, "precision")
+    plugin_state = _load_state(fmt, path, "plugins")
+    if not isinstance(plugin_state, dict):
+        raise CheckpointError(f"{path / 'plugins.json'}: field 'value' must be an object")
+    _check_data_position(run, path, meta.get("data") or {})
+    with _applying(path):
+        if scheduler_state is not None and run.scheduler is not None:
+            run.scheduler.load_state_dict(scheduler_state)
+        if optimizer_state is not None and run.optimizer is not None:
+            strategy.load_optimizer_state_dict(run.optimizer, optimizer_state)
+        if fmt.sharded:
+            _load_sharded(run, fmt, path)
+        else:
+            strategy.load_model_state_dict(run.wrapped_model, model_state)
+        run.precision.load_state_dict(precision_state)
+    for key, value in state.items():
         setattr(run.state, key, value)
-    run.state.stop_reason = None  # why the saving process stopped; this one has not
-    rng = path / f"rng-rank{strategy.rank:05d}.json"
-    if not rng.exists():
-        warnings.warn(
-            f"{path} has no RNG state for rank {strategy.rank} (it was written by "
-            f"{meta.get('world_size')} ranks); using rank 0's, so random streams will not "
-            "continue exactly",
-            TreadleWarning,
-            stacklevel=2,
-        )
-        rng = path / "rng-rank00000.json"
-    _set_rng_state(_read_json(rng), run.device)
-    run.emit("on_load_checkpoint", run=run, plugin_state=_load_state(fmt, path, "plugins"))
+    # Why the saving process stopped is not this one's reason, unless the stop was final (an
+    # early stop): then the run stays stopped (loop.fit returns at once) until run.clear_stop().
+    run._resumed_stop = run.state.stop_reason = meta.get("stopped")
+    _set_rng_state(rng, run.device)
+    run.emit("on_load_checkpoint", run=run, plugin_state=plugin_state)
     run.last_checkpoint = path
     run._last_save_step = run.state.step
     run._resumed = True
+
+
+@contextlib.contextmanager
+def _applying(path: Path) -> Iterator[None]:
+    """Name the checkpoint when torch refuses a state the checks above let through."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        raise CheckpointError(
+            f"cannot restore {path}: {type(exc).__name__}: {exc}; the run may be partly "
+            "restored, so start it again (resume='auto' then tries the previous checkpoint)"
+        ) from exc
+
+
+#: ``state.json``: the type of every field the kernel reads (others are ignored).
+_META_FIELDS: dict[str, Any] = {
+    "layout": int,
+    "format": str,
+    "step": int,
+    "state": dict,
+    "data": dict | None,
+    "world_size": int,
+    "monitor": str | None,
+    "monitor_mode": str | None,
+    "metric": float | None,
+    "weights_only": bool,
+    "source": str,
+    "stopped": str | None,
+}
+_DATA_FIELDS: dict[str, Any] = {
+    "epoch": int,
+    "batch_in_epoch": int,
+    "batches_per_epoch": int | None,
+    "sampler": dict | None,
+}
+
+
+def _checked_meta(path: Path) -> dict[str, Any]:
+    """``state.json`` of the checkpoint at ``path``, every field the kernel reads checked."""
+    file = path / STATE
+    meta: dict[str, Any] = _read_json(file)
+    _check_fields(file, meta, _META_FIELDS, "")
+    _check_fields(file, meta.get("data") or {}, _DATA_FIELDS, "data.")
+    if "format" not in meta:
+        raise CheckpointError(f"{file}: field 'format' is missing")
+    return meta
+
+
+def _checked_state(file: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """The saved ``run.state``: exactly the fields of ``State``, each of its declared type."""
+    types = _state_types()
+    unknown, missing = values.keys() - types.keys(), types.keys() - values.keys()
+    if unknown or missing:
+        raise CheckpointError(
+            f"{file}: field 'state' has unknown fields {sorted(unknown)} and lacks "
+            f"{sorted(missing)}; it must have exactly {sorted(types)}"
+        )
+    _check_fields(file, values, types, "state.")
+    return values
+
+
+@cache
+def _state_types() -> dict[str, Any]:
+    return {f.name: f.type for f in attrs.fields(attrs.resolve_types(State))}
+
+
+def _check_fields(file: Path, values: Mapping[str, Any], types: Mapping[str, Any], at: str) -> None:
+    for key, kind in types.items():
+        if key in values and not _is_a(values[key], kind):
+            raise CheckpointError(
+                f"{file}: field {at + key!r} must be {kind}, got {values[key]!r:.80}"
+            )
+
+
+def _is_a(value: Any, kind: Any) -> bool:
+    """``isinstance`` for the types of ``State``'s fields, where a bool is no number."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is dict:
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _is_a(v, args[1]) for k, v in value.items()
+        )
+    if args:  # a union
+        return any(_is_a(value, arg) for arg in args)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return _is_int(value)
+    return isinstance(value, kind)
+
+
+def _is_int(value: Any) -> typing.TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_like(file: Path, value: Any, reference: Any, at: str) -> None:
+    """``value`` has the structure of ``reference`` (what this run has now): same keys, same
+    lengths, numbers where it has numbers. A torch scheduler takes any dict without a check."""
+    if reference is None or value is None:
+        return
+    if isinstance(reference, Mapping):
+        ok = isinstance(value, Mapping) and set(value) == set(reference)
+        if ok:
+            for key in reference:
+                _check_like(file, value[key], reference[key], f"{at}.{key}")
+            return
+    elif isinstance(reference, list | tuple):
+        ok = isinstance(value, list | tuple) and len(value) == len(reference)
+        if ok:
+            for index, (item, ref) in enumerate(zip(value, reference)):
+                _check_like(file, item, ref, f"{at}[{index}]")
+            return
+    elif isinstance(reference, bool | str | torch.Tensor):
+        ok = isinstance(value, type(reference))
+    elif isinstance(reference, int | float):
+        ok = _is_a(value, float)
+    else:
+        ok = True
+    if not ok:
+        raise CheckpointError(
+            f"{file}: field {at!r} is {value!r:.80}, but this run's has the form {reference!r:.80}"
+        )
+
+
+def _check_optimizer_state(file: Path, value: Any, optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer state dict whose groups match this optimizer's and whose per-parameter
+    state holds only tensors and numbers (torch's ``load_state_dict`` checks little more than
+    the group sizes; anything else would fail at the next step)."""
+    if not isinstance(value, Mapping) or not isinstance(value.get("state"), Mapping):
+        raise CheckpointError(f"{file}: field 'value' must be an optimizer state dict")
+    # Parameters are named by index, or by name when the strategy says so (FSDP): only
+    # their number is compared; every other option must have this optimizer's form.
+    groups, current = value.get("param_groups"), optimizer.state_dict()["param_groups"]
+    if not isinstance(groups, list) or not all(
+        isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups
+    ):
+        raise CheckpointError(f"{file}: field 'value.param_groups' must be a list of groups")
+    _check_like(
+        file,
+        [{**g, "params": len(g["params"])} for g in groups],
+        [{**g, "params": len(g["params"])} for g in current],
+        "value.param_groups",
+    )
+    for key, entry in value["state"].items():
+        if not isinstance(entry, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor | int | float | bool | None)
+            for k, v in entry.items()
+        ):
+            raise CheckpointError(
+                f"{file}: field 'value.state.{key}' must map names to tensors or numbers"
+            )
 
 
 def _load_sharded(run: Run, fmt: CheckpointFormat, path: Path) -> None:
@@ -451,8 +812,8 @@ def load_weights(
     if check:
         problems = verify(directory)
         if problems:
-            raise TreadleError(f"cannot load weights from {directory}: {'; '.join(problems)}")
-    fmt = _format_of(directory)
+            raise CheckpointError(f"cannot load weights from {directory}: {'; '.join(problems)}")
+    fmt = _format_named(_checked_meta(directory)["format"])
     state = fmt.load_model(directory, model) if strict else fmt.load_tensors(directory, "model")
     try:
         return model.load_state_dict(state, strict=strict)
@@ -479,15 +840,17 @@ def export(source: Path | str, out: Path | str, format: str = "safetensors") -> 
     directory, out = resolve(source), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TreadleError(f"{out} already exists; choose a new folder for the export")
+    if out.is_symlink():
+        raise TreadleError(f"{out} is a symbolic link; choose a new folder for the export")
     problems = verify(directory)
     if problems:
-        raise TreadleError(f"cannot export {directory}: {'; '.join(problems)}")
-    reader, writer = _format_of(directory), _format_named(format)
+        raise CheckpointError(f"cannot export {directory}: {'; '.join(problems)}")
+    meta = _checked_meta(directory)
+    reader, writer = _format_named(meta["format"]), _format_named(format)
     tensors = reader.load_tensors(directory, "model")
-    meta = _read_json(directory / STATE)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_tree(tmp)
     tmp.mkdir()
     # An empty module: tied tensors are recognised by shared storage, not by declared names.
     writer.save_model(tmp, nn.Module(), tensors)
@@ -497,7 +860,7 @@ def export(source: Path | str, out: Path | str, format: str = "safetensors") -> 
             "layout": LAYOUT_VERSION,
             "format": writer.name,
             "weights_only": True,
-            "step": meta.get("step", meta.get("state", {}).get("step")),
+            "step": meta.get("step"),
             "source": str(directory.resolve()),
         },
     )
@@ -507,16 +870,6 @@ def export(source: Path | str, out: Path | str, format: str = "safetensors") -> 
     os.replace(tmp, out)
     _fsync_dir(out.parent)
     return out
-
-
-def _format_of(directory: Path) -> CheckpointFormat:
-    try:
-        name = _read_json(directory / STATE)["format"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TreadleError(
-            f"{directory}/{STATE} does not name the checkpoint format ({exc})"
-        ) from exc
-    return _format_named(str(name))
 
 
 def _format_named(name: str) -> CheckpointFormat:
@@ -566,9 +919,17 @@ def _save_state(fmt: CheckpointFormat, directory: Path, stem: str, obj: Any) -> 
 
 
 def _load_state(fmt: CheckpointFormat, directory: Path, stem: str) -> Any:
-    stored = _read_json(directory / f"{stem}.json")
+    file = directory / f"{stem}.json"
+    stored = _read_json(file)
+    if not isinstance(stored.get("tensors"), bool) or "value" not in stored:
+        raise CheckpointError(f"{file}: needs the fields 'tensors' (true or false) and 'value'")
     tensors = fmt.load_tensors(directory, stem) if stored["tensors"] else {}
-    return _decode(stored["value"], tensors)
+    try:
+        return _decode(stored["value"], tensors)
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{file}: field 'value' is not a stored state ({type(exc).__name__}: {exc!s:.200})"
+        ) from exc
 
 
 def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
@@ -609,15 +970,66 @@ def _unhex(text: str | list[int]) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(_unhex(state["torch"]))
+class _RngState(NamedTuple):
+    """One rank's random streams, read and checked, ready to set."""
+
+    python: tuple[Any, ...]
+    numpy: tuple[Any, ...]
+    torch: torch.Tensor
+    device: torch.Tensor | None
+
+
+def _read_rng(path: Path, rank: int, world_size: Any, device: torch.device) -> _RngState:
+    """This rank's RNG file (rank 0's, with a warning, if it has none), checked by setting
+    every state on a scratch generator, so that a bad one fails before the run changes."""
+    file = path / f"rng-rank{rank:05d}.json"
+    if rank != 0 and not file.exists():
+        warnings.warn(
+            f"{path} has no RNG state for rank {rank} (it was written by "
+            f"{world_size} ranks); using rank 0's, so random streams will not "
+            "continue exactly",
+            TreadleWarning,
+            stacklevel=3,
+        )
+        file = path / "rng-rank00000.json"
+    saved = _read_json(file)
+    field = "python"
+    try:
+        version, internal, gauss = saved[field]
+        python = (version, tuple(internal), gauss)
+        random.Random().setstate(python)
+        field = "numpy"
+        name, keys, *rest = saved[field]
+        numpy = (name, np.array(keys, dtype=np.uint32), *rest)
+        np.random.RandomState().set_state(numpy)
+        field = "torch"
+        torch_state = _unhex(saved[field])
+        torch.Generator().set_state(torch_state)
+        field = "device"
+        device_state = _unhex(saved[field]) if field in saved else None
+        module = getattr(torch, device.type, None) if device.type != "cpu" else None
+        if (
+            device_state is not None
+            and hasattr(module, "get_rng_state")
+            and device_state.numel() != module.get_rng_state(device).numel()  # type: ignore[union-attr]
+        ):
+            raise ValueError(f"{device_state.numel()} bytes, not {device.type}'s")
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError, IndexError) as exc:
+        missing = isinstance(exc, KeyError)
+        raise CheckpointError(
+            f"{file}: field {field!r} is {'missing' if missing else 'not a valid state'}"
+            + ("" if missing else f" ({type(exc).__name__}: {str(exc)[:200]})")
+        ) from exc
+    return _RngState(python, numpy, torch_state, device_state)
+
+
+def _set_rng_state(state: _RngState, device: torch.device) -> None:
+    random.setstate(state.python)
+    np.random.set_state(state.numpy)
+    torch.set_rng_state(state.torch)
     module = getattr(torch, device.type, None) if device.type != "cpu" else None
-    if "device" in state and module is not None and hasattr(module, "set_rng_state"):
-        module.set_rng_state(_unhex(state["device"]), device)
+    if state.device is not None and module is not None and hasattr(module, "set_rng_state"):
+        module.set_rng_state(state.device, device)
 
 
 @contextlib.contextmanager
@@ -659,13 +1071,45 @@ def _write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
     path.write_text(json.dumps(obj, indent=indent, sort_keys=True) + "\n")
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint file; anything else is a ``CheckpointError`` naming it."""
+    with _open_regular(path) as handle:
+        data = handle.read()
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(
+            f"{path}: not valid UTF-8 JSON ({type(exc).__name__}: {exc!s:.200})"
+        ) from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _open_regular(path: Path) -> typing.BinaryIO:
+    """Open a regular file for reading: never through a final link, never blocking on a FIFO.
+
+    Raises:
+        CheckpointError: ``path`` is missing, a link, or not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        why = _kind(stat.S_IFLNK) if path.is_symlink() else f"cannot be read ({exc.strerror})"
+        raise CheckpointError(f"{path}: {why}") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: {_kind(mode)}")
+    return os.fdopen(fd, "rb")
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
+    if os.path.lexists(tmp):
+        tmp.unlink()  # a leftover, or a planted link: never written through
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -675,23 +1119,21 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def _write_manifest(directory: Path) -> None:
     """List every file with its size and SHA-256, after making each file and folder durable."""
     files = {}
-    for file in sorted(directory.rglob("*")):
-        if file.is_dir():
-            _fsync_dir(file)
-            continue
-        with open(file, "rb") as handle:
+    for name in sorted(_regular_files(directory).keys() - {MANIFEST}):
+        file = directory / name
+        with _open_regular(file) as handle:
             os.fsync(handle.fileno())
-        files[file.relative_to(directory).as_posix()] = {
-            "size": file.stat().st_size,
-            "sha256": _sha256(file),
-        }
+        files[name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+    for folder in {parent for name in files for parent in (directory / name).parents}:
+        if directory in folder.parents:  # the sub-directories; ``directory`` itself below
+            _fsync_dir(folder)
     _write_text_atomic(directory / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
     _fsync_dir(directory)
 
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with _open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import inspect
 import sys
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from treadle import registry
+from treadle import defaults, registry
 from treadle.components import Strategy
 from treadle.config import Config
 from treadle.errors import ConfigError, TreadleError
@@ -27,6 +29,11 @@ _RUN_KEYS = {
 
 def import_path(path: str) -> Any:
     """Resolve ``"package.module:attribute"``: the only code a run file may name."""
+    if not isinstance(path, str):
+        raise ConfigError(
+            f"expected an import path 'package.module:attribute', got {type(path).__name__} "
+            f"{path!r}"
+        )
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
         raise ConfigError(f"{path!r} is not an import path of the form 'package.module:attribute'")
@@ -53,29 +60,79 @@ def _call_factory(key: str, spec: Any) -> Any:
         factory = import_path(spec["factory"])
     else:
         raise ConfigError(
-            f"run file: {key} must be 'package.module:factory' or a table with factory = ..."
+            f"{key} must be 'package.module:factory' or a table with factory = ..., "
+            f"got {type(spec).__name__} {spec!r}"
         )
     if not callable(factory):
-        raise ConfigError(f"run file: {key} = {spec!r} does not name a callable")
-    return factory(**kwargs)
+        raise ConfigError(f"{key} = {spec!r} does not name a callable")
+    return _call(key, factory, kwargs)
+
+
+def _call(key: str, factory: Any, options: Mapping[str, Any]) -> Any:
+    """Call a factory named by the run file, its options checked against its signature first."""
+    described = f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', factory)}"
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None  # a builtin without one: the call itself says what is wrong
+    if signature is not None:
+        try:
+            signature.bind(**options)
+        except TypeError as exc:
+            accepted = [
+                name
+                for name, p in signature.parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            ]
+            raise ConfigError(
+                f"{key}: {described} does not accept the options {sorted(options)} ({exc}). "
+                f"Accepted options: {', '.join(accepted) or 'none'}"
+            ) from None
+    try:
+        return factory(**options)
+    except TreadleError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"{key}: the factory {described} raised {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _plugin_spec(spec: Any) -> Any:
     if isinstance(spec, str) and ":" in spec:
         return import_path(spec)
-    if isinstance(spec, Mapping) and isinstance(spec.get("import"), str):
+    if isinstance(spec, Mapping) and "import" in spec:
         target = import_path(spec["import"])
         options = {k: v for k, v in spec.items() if k != "import"}
-        return target(**options) if isinstance(target, type) else target
+        if isinstance(target, type):
+            return _call(f"plugins ({spec['import']})", target, options)
+        if options:
+            raise ConfigError(
+                f"plugins: {spec['import']!r} is not a class and takes no options, got "
+                f"{sorted(options)}"
+            )
+        return target
     return spec
+
+
+@contextlib.contextmanager
+def _naming(path: Path, key: str | None) -> Iterator[None]:
+    """Prefix any treadle error with the run file and the key it came from."""
+    try:
+        yield
+    except TreadleError as exc:
+        where = f"run file {path}, {key}: " if key else f"run file {path}: "
+        if exc.args and isinstance(exc.args[0], str) and not exc.args[0].startswith("run file "):
+            exc.args = (where + exc.args[0], *exc.args[1:])  # keeps its class (callers catch it)
+        raise
 
 
 def build_run(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Run:
     """Compose the ``Run`` a TOML run file describes (``overrides`` replace config fields)."""
     path = Path(path)
     try:
-        spec = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        spec = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read run file {path}: {exc}") from exc
     unknown = set(spec) - _RUN_KEYS
     if unknown:
@@ -87,29 +144,42 @@ def build_run(path: str | Path, overrides: Mapping[str, Any] | None = None) -> R
             raise ConfigError(
                 f"run file {path}: '{missing}' is required (an import path to a factory)"
             )
-    config = Config.from_dict({**spec.get("config", {}), **(overrides or {})})
+    table = spec.get("config", {})
+    if not isinstance(table, Mapping):
+        raise ConfigError(
+            f"run file {path}: [config] must be a table of config fields (e.g. [config] then "
+            f"max_steps = 100), got {type(table).__name__} {table!r}"
+        )
+    with _naming(path, "[config]" + (" with --set" if overrides else "")):
+        config = Config.from_dict({**table, **(overrides or {})})
     for directory in (str(path.resolve().parent), str(Path.cwd())):
         if directory not in sys.path:
             sys.path.insert(0, directory)
     seed_everything(config.seed)  # the model factory draws its initial weights from here
     # the strategy first: a large model is built in its model-init context (meta, ZeRO-3)
-    strategy = _component("strategy", spec.get("strategy", "single"), Strategy)
-    with strategy.model_init_context():
+    with _naming(path, "strategy"):
+        strategy = _component("strategy", spec.get("strategy", "single"), Strategy)
+    with _naming(path, "model"), strategy.model_init_context():
         model = _call_factory("model", spec["model"])
     kwargs: dict[str, Any] = {"config": config, "strategy": strategy}
     for key in ("train_data", "eval_data"):
         if key in spec:
-            kwargs[key] = _call_factory(key, spec[key])
+            with _naming(path, key):
+                kwargs[key] = _call_factory(key, spec[key])
     if "loss_fn" in spec:
-        kwargs["loss_fn"] = import_path(spec["loss_fn"])
+        with _naming(path, "loss_fn"):
+            kwargs["loss_fn"] = import_path(spec["loss_fn"])
     for key in ("precision", "optimizer", "scheduler", "checkpoint"):
         if key in spec:
             kwargs[key] = spec[key]
+    # one name or table stands for a list of one, as in the Python API (loggers="jsonl")
     if "loggers" in spec:
-        kwargs["loggers"] = list(spec["loggers"])
+        kwargs["loggers"] = list(defaults.sequence_of(spec["loggers"]))
     if "plugins" in spec:
-        kwargs["plugins"] = [_plugin_spec(p) for p in spec["plugins"]]
-    return Run(model, **kwargs)
+        with _naming(path, "plugins"):
+            kwargs["plugins"] = [_plugin_spec(p) for p in defaults.sequence_of(spec["plugins"])]
+    with _naming(path, None):  # the message names the component (logger 'x', ...)
+        return Run(model, **kwargs)
 
 
 def _parse_value(text: str) -> Any:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -26,6 +27,26 @@ def _int_at_least(minimum: int, *, optional: bool = False) -> Any:
             raise _fail(attribute.name, value, f"expected an integer >= {minimum}{none}")
 
     return check
+
+
+def _int_between(minimum: int, maximum: int) -> Any:
+    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise _fail(attribute.name, value, f"expected an integer from {minimum} to {maximum}")
+
+    return check
+
+
+def _path(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    # What the file system would refuse deep inside pathlib/os, refused here by name.
+    if not isinstance(value, str):
+        raise _fail(attribute.name, value, "expected a path (a string)")
+    if not value.strip():
+        raise _fail(
+            attribute.name, value, "expected a non-empty path ('.' is the current directory)"
+        )
+    if "\0" in value:
+        raise _fail(attribute.name, value, "a path cannot contain a NUL character")
 
 
 def _one_of(*choices: Any) -> Any:
@@ -101,15 +122,32 @@ class Config:
     #: whether smaller ("min") or larger ("max") values of ``monitor`` are better.
     monitor_mode: str = attrs.field(default="min", validator=_one_of("min", "max"))
     #: seed for python, numpy and torch (and the data order).
-    seed: int = attrs.field(default=0, validator=_int_at_least(0))
+    seed: int = attrs.field(default=0, validator=_int_between(0, 2**32 - 1))
     #: ask torch for deterministic algorithms (slower on some kernels).
     deterministic: bool = attrs.field(default=False, validator=_of_type(bool, "True or False"))
     #: where checkpoints and logs go.
-    output_dir: str = attrs.field(default="runs/treadle", validator=_of_type(str, "a path"))
+    output_dir: str = attrs.field(default="runs/treadle", validator=_path)
     #: None (fresh start), "auto" (newest valid checkpoint in output_dir, else fresh), or a path.
     resume: str | None = attrs.field(
-        default=None, validator=_of_type(str, "'auto' or a path", optional=True)
+        default=None,
+        validator=attrs.validators.and_(
+            _of_type(str, "'auto' or a path", optional=True), attrs.validators.optional(_path)
+        ),
     )
+    #: multi-process runs: seconds a collective may wait for the other ranks (the process
+    #: group's timeout, torch's default being 30 min), and seconds a rank may make no progress
+    #: before its watchdog names the step, hook and plugin it is stuck in and ends it
+    #: (docs/distributed.md). Raise it for saves or evaluations longer than this; None: torch's
+    #: timeout and no watchdog.
+    collective_timeout_s: float | int | None = attrs.field(default=600.0)
+
+    @collective_timeout_s.validator
+    def _check_collective_timeout(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None:
+            return
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not 0 < value < float("inf"):
+            raise _fail(attribute.name, value, "expected a positive number of seconds or None")
 
     def __attrs_post_init__(self) -> None:
         if self.keep_best and self.monitor is None:
@@ -118,14 +156,11 @@ class Config:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:
         """Build from a mapping (TOML table, JSON), rejecting unknown keys by name."""
-        known = [field.name for field in attrs.fields(cls)]
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(
-                    f"unknown config key {key!r}.{hint} Known keys: {', '.join(known)}"
-                )
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"a config must be a mapping of field names to values, got {type(values).__name__}"
+            )
+        _check_keys(values)  # before ``cls(**values)``: a key that is not a str is a TypeError
         return cls(**values)
 
     def replace(self, **changes: Any) -> Config:
@@ -134,3 +169,32 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+
+def _check_keys(names: Any) -> None:
+    """Refuse an unknown field by name, with the closest known one (every way of building)."""
+    known = [field.name for field in attrs.fields(Config)]
+    for key in names:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}.{hint} Known keys: {', '.join(known)}")
+
+
+def _checked_init(generated: Callable[..., None]) -> Callable[..., None]:
+    # attrs writes ``__init__``; wrapped so that ``Config(typo=1)``, ``from_dict``, ``replace``
+    # and ``attrs.evolve`` all fail alike. Type checkers still see the generated signature.
+    @functools.wraps(generated)
+    def __init__(self: Config, *args: Any, **values: Any) -> None:
+        if args:
+            raise ConfigError(
+                f"Config takes keyword arguments only (Config(max_steps=...)), got {len(args)} "
+                "positional"
+            )
+        _check_keys(values)
+        generated(self, **values)
+
+    return __init__
+
+
+setattr(Config, "__init__", _checked_init(Config.__init__))  # noqa: B010 (mypy: no assignment to a method)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence, Sized
 from typing import TYPE_CHECKING, Any, cast
 
@@ -21,12 +22,18 @@ PLUGIN_NAME = "treadle.defaults"
 
 
 def forward(model: nn.Module, batch: Any) -> Any:
-    """Call the model the way the batch is shaped: mapping → keywords, sequence → first item."""
+    """Call the model the way the batch is shaped: a mapping → ``model(**batch)``; a sequence
+    ``(inputs..., target)`` → ``model(*inputs)`` (every item but the last; a one-item sequence
+    → ``model(batch[0])``); anything else → ``model(batch)``."""
     if isinstance(batch, (dict, Mapping)):  # dict first: it spares the ABC check
         return model(**batch)
     if isinstance(batch, list | tuple):
-        return model(batch[0])
+        return model(*batch[:-1]) if len(batch) > 1 else model(batch[0])
     return model(batch)
+
+
+class _NoLoss(TreadleError):
+    """The model's outputs hold no loss (``compute_loss`` adds the step and the batch)."""
 
 
 def loss_from_outputs(outputs: Any) -> torch.Tensor:
@@ -35,28 +42,207 @@ def loss_from_outputs(outputs: Any) -> torch.Tensor:
     if loss is None and isinstance(outputs, Mapping):
         loss = outputs.get("loss")
     if loss is None:
-        raise TreadleError(
-            f"the model returned {type(outputs).__name__} with no 'loss'. Return an object with "
-            "a .loss attribute or a mapping with a 'loss' key, pass loss_fn=... to treadle.Run, "
-            "or implement the compute_loss hook."
+        raise _NoLoss(
+            f"the model returned {describe_value(outputs)} with no 'loss'. Return an object "
+            "with a .loss attribute or a mapping with a 'loss' key, pass loss_fn=... to "
+            "treadle.Run, or implement the compute_loss hook."
         )
     return loss  # type: ignore[no-any-return]
 
 
 @hookimpl(trylast=True)
 def compute_loss(run: Run, model: nn.Module, batch: Any) -> torch.Tensor | LossSum:
-    outputs = forward(model, batch)
+    # try blocks cost nothing until something raises: the errors are explained only then
+    try:
+        outputs = forward(model, batch)
+    except TypeError as exc:
+        _explain_mismatch(run, model, batch, exc)
+        raise
     if run.loss_fn is not None:
-        return run.loss_fn(outputs, batch)
-    return loss_from_outputs(outputs)
+        try:
+            return run.loss_fn(outputs, batch)
+        except TypeError as exc:
+            _explain_loss_fn(run, batch, exc)
+            raise
+    try:
+        return loss_from_outputs(outputs)
+    except _NoLoss:
+        raise _no_loss_error(run, outputs, batch) from None
 
 
 @hookimpl(trylast=True)
 def training_step(run: Run, model: nn.Module, batch: Any) -> torch.Tensor | LossSum:
     with run.strategy.forward_context():
         loss = run.provide("compute_loss", run=run, model=model, batch=batch)
-    run.backward(backward_value(loss, run.config.loss_normalization))
+    value = backward_value(loss, run.config.loss_normalization)
+    try:
+        run.backward(value)
+    except (RuntimeError, TypeError, AttributeError) as exc:  # free until raised
+        raise loss_error(run, value, exc) from exc
     return loss  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------ errors, explained
+# Each is built only once something failed: the step pays for a try block, which is free.
+
+
+def _call_model(run: Run, model: nn.Module, batch: Any, during: str) -> Any:
+    """``forward``, for evaluation and prediction."""
+    try:
+        return forward(model, batch)
+    except TypeError as exc:
+        _explain_mismatch(run, model, batch, exc, during)
+        raise
+
+
+def _explain_mismatch(
+    run: Run, model: nn.Module, batch: Any, exc: TypeError, during: str = ""
+) -> None:
+    """Raise a TreadleError if ``exc`` is the batch not fitting the model's parameters; return
+    if the batch binds (then the TypeError came from inside the model)."""
+    mismatch = _batch_mismatch(model, batch)
+    if mismatch is not None:
+        raise TreadleError(
+            f"the batch at step {run.state.step}{during} does not fit the model: {mismatch}"
+        ) from exc
+
+
+def _batch_mismatch(model: nn.Module, batch: Any) -> str | None:
+    """Why ``forward(model, batch)`` cannot bind the batch to the model's parameters, or None."""
+    target = getattr(model, "forward", model)
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(batch, (dict, Mapping)):
+        args: tuple[Any, ...] = ()
+        kwargs = dict(batch)
+        call = "model(**batch)"
+        fix = "name the batch's keys after forward's parameters (a collate_fn can rename them)"
+    elif isinstance(batch, list | tuple):
+        args, kwargs = (tuple(batch[:-1]) if len(batch) > 1 else (batch[0],)), {}
+        call = "model(*batch[:-1]): every item but the last, which is the target for loss_fn"
+        fix = (
+            "to give the model every item, make the batch a mapping (a collate_fn returning "
+            "a dict) or implement the compute_loss hook"
+        )
+    else:
+        args, kwargs, call = (batch,), {}, "model(batch)"
+        fix = "implement the compute_loss hook to call the model your way"
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as error:
+        return (
+            f"{type(model).__name__}.forward{signature} cannot take {describe_value(batch)} "
+            f"({_binding_problems(signature, kwargs) or error}); treadle calls {call}. To fix "
+            f"it, {fix}."
+        )
+    return None
+
+
+def _binding_problems(signature: inspect.Signature, kwargs: Mapping[str, Any]) -> str:
+    """For a mapping batch: every key forward does not take and every parameter left out."""
+    if not kwargs:
+        return ""
+    params = signature.parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unexpected = [] if takes_any else [key for key in kwargs if key not in params]
+    missing = [
+        name
+        for name, p in params.items()
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and name not in kwargs
+    ]
+    parts = [f"unexpected key {key!r}" for key in unexpected]
+    parts += [f"missing argument {name!r}" for name in missing]
+    return "; ".join(parts)
+
+
+def _call_loss_fn(run: Run, outputs: Any, batch: Any) -> Any:
+    """``loss_fn``, for evaluation."""
+    assert run.loss_fn is not None
+    try:
+        return run.loss_fn(outputs, batch)
+    except TypeError as exc:
+        _explain_loss_fn(run, batch, exc)
+        raise
+
+
+def _explain_loss_fn(run: Run, batch: Any, exc: TypeError) -> None:
+    """A loss_fn that takes a target and was given a sequence batch: say how to pass it."""
+    if isinstance(batch, list | tuple):
+        name = getattr(run.loss_fn, "__qualname__", type(run.loss_fn).__name__)
+        raise TreadleError(
+            f"loss_fn {name} raised TypeError at step {run.state.step}: {exc}. loss_fn is "
+            f"called as loss_fn(outputs, batch) with the whole batch, here "
+            f"{describe_value(batch)}; for a loss of (outputs, target), pass "
+            f"loss_fn=lambda outputs, batch: {name}(outputs, batch[-1])"
+        ) from exc
+
+
+def _no_loss_error(run: Run, outputs: Any, batch: Any, during: str = "") -> TreadleError:
+    example = "batch['labels']" if isinstance(batch, (dict, Mapping)) else "batch[-1]"
+    return TreadleError(
+        f"at step {run.state.step}{during} the model returned {describe_value(outputs)} with no "
+        f"loss, for a batch that is {describe_value(batch)}. Either pass loss_fn to "
+        "treadle.Run, called as loss_fn(outputs, batch), e.g. loss_fn=lambda outputs, batch: "
+        f"torch.nn.functional.cross_entropy(outputs, {example}); or return the loss from "
+        "forward (an object with .loss, or a mapping with a 'loss' key); or implement the "
+        "compute_loss hook."
+    )
+
+
+def loss_error(
+    run: Run, loss: Any, exc: BaseException, *, evaluating: str | None = None
+) -> BaseException:
+    """A TreadleError saying what is wrong with ``loss``, or ``exc`` itself when the loss is a
+    scalar tensor (the failure is elsewhere)."""
+    where = f" (evaluating {evaluating!r})" if evaluating else ""
+    source = "loss_fn" if run.loss_fn is not None else "compute_loss"
+    if isinstance(loss, LossSum):
+        loss = loss.total
+    if not isinstance(loss, torch.Tensor):
+        problem = (
+            f"a {type(loss).__name__} ({loss!r}), not a tensor: it was taken out of the graph "
+            "(.item(), float(...)), so no gradient can reach the weights. Return the tensor"
+        )
+    elif loss.numel() != 1:
+        problem = (
+            f"a tensor of shape {tuple(loss.shape)}, not one number. Reduce it, e.g. "
+            "loss.mean(), or use the loss function's reduction='mean'"
+        )
+    elif evaluating is None and not loss.requires_grad:
+        problem = (
+            "a tensor with no grad_fn: it is detached from the graph (computed under "
+            "torch.no_grad(), with .detach() or from .item()), so no gradient can reach the "
+            "weights. Compute it from the model's outputs without detaching"
+        )
+    else:
+        return exc
+    return TreadleError(
+        f"the loss at step {run.state.step}{where} (from {source}) is {problem}. A loss must be "
+        "a scalar tensor computed from the model's outputs."
+    )
+
+
+def describe_value(value: Any) -> str:
+    """A batch or output in words for messages: its type, keys, shapes and dtypes."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    if isinstance(value, (dict, Mapping)):
+        items = ", ".join(f"{key!r}: {_brief(item)}" for key, item in value.items())
+        return f"a {type(value).__name__} {{{items}}}"
+    if isinstance(value, list | tuple):
+        items = ", ".join(_brief(item) for item in value)
+        return f"a {type(value).__name__} of {len(value)} ({items})"
+    return f"a {type(value).__name__}"
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return type(value).__name__
 
 
 def backward_value(loss: torch.Tensor | LossSum, normalization: str) -> torch.Tensor:
@@ -77,11 +263,14 @@ def eval_step(run: Run, model: nn.Module, batch: Any) -> Mapping[str, Any]:
     outputs: dict[str, Any] = {}
     with run.strategy.forward_context():
         if _own_loss(run):  # forward here, to keep the model's predictions for metrics
-            model_outputs = forward(model, batch)
+            model_outputs = _call_model(run, model, batch, " (evaluating)")
             if run.loss_fn is not None:
-                loss = run.loss_fn(model_outputs, batch)
+                loss = _call_loss_fn(run, model_outputs, batch)
             else:
-                loss = loss_from_outputs(model_outputs)
+                try:
+                    loss = loss_from_outputs(model_outputs)
+                except _NoLoss:
+                    raise _no_loss_error(run, model_outputs, batch, " (evaluating)") from None
             outputs["predictions"] = predictions_of(model_outputs)
         else:  # a plugin's compute_loss defines the loss: the model is called through it
             loss = run.provide("compute_loss", run=run, model=model, batch=batch)
@@ -119,18 +308,19 @@ def predictions_of(outputs: Any) -> Any:
 
 def labels_of(batch: Any) -> Any:
     """A batch's labels: its first ``labels``, ``label``, ``targets``, ``target`` or ``y``
-    entry, or the second item of a sequence batch; None if there is none."""
+    entry, or the last item of a sequence batch ``(inputs..., target)``; None if there is
+    none."""
     if isinstance(batch, Mapping):
         return next((batch[k] for k in _LABEL_KEYS if batch.get(k) is not None), None)
     if isinstance(batch, list | tuple) and len(batch) >= 2:
-        return batch[1]
+        return batch[-1]
     return None
 
 
 @hookimpl(trylast=True)
 def predict_step(run: Run, model: nn.Module, batch: Any) -> Any:
     with run.strategy.forward_context():
-        return forward(model, batch)
+        return _call_model(run, model, batch, " (predicting)")
 
 
 def batch_rows(batch: Any) -> int:

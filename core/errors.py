@@ -62,9 +62,13 @@ class PluginLoadError(TreadleError, ImportError):
         self.kind = kind
         self.name = name
         self.distribution = distribution
+        if isinstance(cause, SystemExit):  # sys.exit() at import: the run must not just end
+            what = f"called sys.exit({cause.code!r}) while being imported"
+        else:
+            what = f"failed to import: {type(cause).__name__}: {cause}"
         super().__init__(
-            f"{kind} {name!r} (entry point {value!r} of distribution {distribution!r}) "
-            f"failed to import: {type(cause).__name__}: {cause}"
+            f"{kind} {name!r} (entry point {value!r} of distribution {distribution!r}) {what}. "
+            f"Reinstall or uninstall {distribution!r}, or run without {kind} {name!r}."
         )
 
 

@@ -326,7 +326,8 @@ def compute_loss(run: Run, model: torch.nn.Module, batch: Any) -> torch.Tensor |
     """Forward the batch and return its loss: a scalar mean, or ``treadle.LossSum(total,
     count)`` (the sum of per-item losses and the number of items scored), which
     ``loss_normalization="tokens"`` needs. The default calls the model (``model(**batch)`` for a
-    mapping, ``model(batch[0])`` for a sequence, ``model(batch)`` otherwise) and takes
+    mapping, ``model(*batch[:-1])`` for a sequence ``(inputs..., target)``, ``model(batch)``
+    otherwise) and takes
     ``outputs.loss`` / ``outputs["loss"]``, or returns ``loss_fn(outputs, batch)``.
     (HF: ``compute_loss``.)
     """

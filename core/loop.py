@@ -5,11 +5,13 @@ their interfaces; it names no backend. The pseudocode it follows is in ``treadle
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,7 @@ from treadle import checkpoint, defaults, gather
 from treadle.components import Precision, Strategy, move_to_device
 from treadle.data import ResumableSampler
 from treadle.defaults import batch_rows
-from treadle.errors import ConfigError, TreadleError
+from treadle.errors import ConfigError, TreadleError, TreadleWarning
 from treadle.state import LossSum, State
 
 if TYPE_CHECKING:
@@ -30,28 +32,58 @@ __all__ = ["evaluate", "fit", "predict"]
 
 # Requests from plugins, kept as bits so that ranks can agree on them with one reduction.
 # PREEMPT: a rank received SIGTERM/SIGINT; every rank then saves, stops and exits alike.
-STOP, SAVE, EVAL, LOG, PREEMPT = 1, 2, 4, 8, 16
+# FINAL: the stop is part of the run's state (``request_stop(final=True)``): the checkpoint of
+# that step records it, and resuming from it trains no further.
+STOP, SAVE, EVAL, LOG, PREEMPT, FINAL = 1, 2, 4, 8, 16, 32
 
 
 def fit(run: Run) -> State:
     config, state = run.config, run.state
     run.setup()
     loader = run.provide("make_train_loader", run=run, data=run.train_data)
+    _check_iterable(run, loader)
     batches_per_epoch = _length(loader)
+    if batches_per_epoch == 0:  # known now: say so before building anything else
+        raise _no_batch_error(run, loader, state.epoch)
+    _check_accumulation(config.grad_accum_steps, batches_per_epoch)
     # known before resuming: the checkpoint's data position is checked against them
     run._train_loader, run._batches_per_epoch = loader, batches_per_epoch
     max_epochs, run.total_steps = _plan(run, batches_per_epoch)
     run.setup_optimizer()
     if config.resume is not None and not run._resumed:
         checkpoint.resume(run)
+    if run._resumed_stop is not None:
+        return _already_stopped(run, run._resumed_stop)
     run._refresh_listeners()
     run._batches_per_epoch = batches_per_epoch
     run.clear_stop()
+    run._stop_reason = run._final_stop = None  # an earlier fit's stop is not this one's
     model, optimizer = run.wrapped_model, run.optimizer
     assert optimizer is not None
     model.train()
     meter = _Meter(run)
-    run.emit("on_fit_begin", run=run)
+    first_step = state.step
+    try:
+        run.emit("on_fit_begin", run=run)
+        _epochs(run, model, optimizer, loader, meter, max_epochs, batches_per_epoch)
+        _finish(run, meter)
+    except Exception as exc:  # not KeyboardInterrupt, SystemExit, Preempted: not failures
+        _save_after_failure(run, exc, first_step)
+        raise
+    return state
+
+
+def _epochs(
+    run: Run,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable[Any],
+    meter: _Meter,
+    max_epochs: int | None,
+    batches_per_epoch: int | None,
+) -> None:
+    """Train epoch after epoch until a limit or a stop."""
+    config, state = run.config, run.state
     while not run.is_stopping() and not _limit_reached(run, max_epochs):
         epoch = state.epoch
         run.emit("on_epoch_begin", run=run, epoch=epoch)
@@ -64,6 +96,9 @@ def fit(run: Run) -> State:
             _step_boundary(run, meter)
             if run.is_stopping():
                 break
+        if state.epoch == epoch and state.batch_in_epoch == 0:
+            # An epoch from its start gave nothing: with max_steps the loop would spin forever.
+            raise _no_batch_error(run, loader, epoch)
         exhausted = not run.is_stopping() or (
             batches_per_epoch is not None and state.batch_in_epoch >= batches_per_epoch
         )
@@ -72,6 +107,10 @@ def fit(run: Run) -> State:
         run.emit("on_epoch_end", run=run, epoch=epoch)
         if config.eval_every_epoch and run.eval_data is not None:
             evaluate(run)
+
+
+def _finish(run: Run, meter: _Meter) -> None:
+    config, state = run.config, run.state
     # the end: a last log, eval and save unless the final step just had them
     meter.log()
     if (
@@ -88,6 +127,21 @@ def fit(run: Run) -> State:
     ):
         checkpoint.save(run)
     run.emit("on_fit_end", run=run)
+
+
+def _already_stopped(run: Run, reason: str) -> State:
+    """``fit`` of a run resumed from a checkpoint that recorded a final stop: nothing to do."""
+    state = run.state
+    state.stop_reason = reason
+    if run.is_main_process:
+        warnings.warn(
+            f"this run already stopped at step {state.step} ({reason}), as its checkpoint "
+            f"{run.last_checkpoint} records, so fit() trains no further. To train on from "
+            "there, call run.clear_stop() and then run.fit() (with a larger max_steps if "
+            "needed); to start afresh, use a new Config.output_dir.",
+            TreadleWarning,
+            stacklevel=4,
+        )
     return state
 
 
@@ -133,18 +187,21 @@ def _plain_step(
     """``_train_step`` where ``plain_step_applies``: what its component calls would do, inline."""
     state, batch = run.state, move_to_device(window[0], run.strategy.device)
     value = defaults.backward_value(defaults.compute_loss(run, model, batch), "mean")
-    torch.autograd.backward(value)
+    try:
+        torch.autograd.backward(value)
+    except (RuntimeError, TypeError) as exc:  # free until raised: the loss is checked only then
+        raise defaults.loss_error(run, value, exc) from exc
     state.micro_step += 1
     state.samples_seen += batch_rows(batch)
     if run._skip_reason is not None:  # run.skip_step() from outside the step
         state.skipped_steps += 1
         run._skip_reason = None
     else:
-        optimizer.step()
+        optimizer.step()  # [update]: from here to [/update] the weights may be half-updated
         if run.scheduler is not None:
             run.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    state.step += 1
+    state.step += 1  # [/update]
     state.batch_in_epoch += 1
     return value.detach()
 
@@ -184,7 +241,7 @@ def _train_step(
     if (hook := hooks.get("on_before_optimizer_step")) is not None:
         hook(run=run, optimizer=optimizer)
     if run._skip_reason is None:
-        stepped = strategy.optimizer_step(optimizer)
+        stepped = strategy.optimizer_step(optimizer)  # [update]: see _half_updated
     else:  # a plugin dropped this step with run.skip_step()
         stepped, run._skip_reason = False, None
     if (hook := hooks.get("on_after_optimizer_step")) is not None:
@@ -194,7 +251,7 @@ def _train_step(
     elif run.scheduler is not None:
         run.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    state.step += 1
+    state.step += 1  # [/update]
     state.batch_in_epoch += len(window)
     if isinstance(count, torch.Tensor):
         run._tokens_pending = run._tokens_pending + count
@@ -217,6 +274,7 @@ def _step_boundary(run: Run, meter: _Meter) -> None:
     config, state = run.config, run.state
     requests = run.strategy.agree(run._requests | run._preempt_requests)
     run._requests = 0
+    requested = run._stop_reason  # a plugin's reason, kept if a preemption comes with it
     if requests & PREEMPT:
         requests |= SAVE | STOP
         run._preempted = True
@@ -233,13 +291,16 @@ def _step_boundary(run: Run, meter: _Meter) -> None:
     if log_due or eval_due:  # a plugin may have asked for a save or a stop in on_log/on_eval_end
         requests |= run.strategy.agree(run._requests)
         run._requests = 0
+        requested = requested or run._stop_reason
+    if requests & STOP:  # before the save: a checkpoint of this step records a final stop
+        run._stopping = True
+        state.stop_reason = run._stop_reason or "stop requested on another rank"
+        if requests & FINAL:
+            run._final_stop = requested or "stop requested on another rank"
     if (requests & SAVE or (config.save_every and state.step % config.save_every == 0)) and (
         run.checkpoint_format is not None
     ):
         checkpoint.save(run)
-    if requests & STOP:
-        run._stopping = True
-        state.stop_reason = run._stop_reason or "stop requested on another rank"
 
 
 def _limit_reached(run: Run, max_epochs: int | None) -> bool:
@@ -304,11 +365,163 @@ def _length(loader: Any) -> int | None:
         return None
 
 
+# ------------------------------------------------------------------ data that cannot train
+
+
+def _check_iterable(run: Run, loader: Any) -> None:
+    """Refuse training data that is no sequence of batches (once, at the start of ``fit``)."""
+    if isinstance(loader, str | bytes | Mapping) or not (
+        hasattr(loader, "__iter__") or hasattr(loader, "__getitem__")
+    ):
+        kind = "one batch, not a collection of them; " if isinstance(loader, Mapping) else ""
+        raise ConfigError(
+            f"train_data is {describe_data(run.train_data)}, which is {kind}not an iterable of "
+            "batches. Pass a DataLoader, a map-style Dataset (with Config.batch_size) or a list "
+            "of batches."
+        )
+
+
+def _check_accumulation(grad_accum_steps: int, batches_per_epoch: int | None) -> None:
+    # A window never spans two epochs, so each step would average fewer micro-batches than
+    # asked: the effective batch size could never be what the config says.
+    if batches_per_epoch is not None and grad_accum_steps > batches_per_epoch:
+        raise ConfigError(
+            f"Config.grad_accum_steps = {grad_accum_steps} is larger than the "
+            f"{batches_per_epoch} batches of one epoch of train_data (per process); every "
+            f"optimizer step would average {batches_per_epoch} micro-batches, not "
+            f"{grad_accum_steps}, since a step never spans two epochs. Set grad_accum_steps "
+            f"to at most {batches_per_epoch}, or use smaller batches."
+        )
+
+
+def describe_data(data: Any) -> str:
+    """``data`` in words for messages: its type and length, and a DataLoader's batching."""
+    name = type(data).__name__
+    length = _length(data)
+    if isinstance(data, torch.utils.data.DataLoader):
+        return (
+            f"a DataLoader of {length} batches (batch_size={data.batch_size}, "
+            f"drop_last={data.drop_last}) over {describe_data(data.dataset)}"
+        )
+    if isinstance(data, Iterator):
+        return f"a {name} (an iterator: it can be iterated once only)"
+    if length is None:
+        return f"a {name} (no length)"
+    return f"a {name} of length {length}"
+
+
+def _no_batch_error(run: Run, loader: Any, epoch: int) -> TreadleError:
+    state, data = run.state, run.train_data
+    if isinstance(data, Iterator) and epoch > 0:
+        hint = (
+            f"A generator or iterator can be iterated once only: it ran out in epoch "
+            f"{epoch - 1}. Pass a re-iterable (a list, a DataLoader, a Dataset), or set "
+            f"Config.max_steps <= {state.step}."
+        )
+    elif (
+        isinstance(loader, torch.utils.data.DataLoader)
+        and loader.drop_last
+        and _length(loader.dataset) is not None
+    ):
+        hint = (
+            f"drop_last=True drops the only batch, which is incomplete ({_length(loader.dataset)} "
+            f"rows, batch_size={loader.batch_size}): use drop_last=False or a smaller batch size."
+        )
+    else:
+        hint = "It is empty: pass data with at least one batch."
+    loaded = "" if loader is data else f" (loaded as {describe_data(loader)})"
+    return TreadleError(
+        f"train_data yielded no batch in epoch {epoch} (at step {state.step}): it is "
+        f"{describe_data(data)}{loaded}. {hint}"
+    )
+
+
+# ------------------------------------------------------------------ when a run fails
+
+
+def _save_after_failure(run: Run, exc: Exception, first_step: int) -> None:
+    """``exc`` escapes ``fit``: write an emergency checkpoint of the last completed step when that
+    is safe, and say on ``exc`` what was done. The rule is in docs/checkpoints.md."""
+    state = run.state
+    if run.checkpoint_format is None or state.step == first_step:
+        return  # nothing to save with, or nothing trained since this fit began
+    if run._last_save_step == state.step:
+        return  # saved already
+    unsafe = _unsafe_to_save(run, exc)
+    if unsafe is not None:
+        exc.add_note(f"treadle: no emergency checkpoint was written: {unsafe}")
+        return
+    path = checkpoint.checkpoints_dir(run) / f"step-{state.step:06d}"
+    if os.path.lexists(path):
+        exc.add_note(f"treadle: no emergency checkpoint was written: {path} exists and is kept")
+        return
+    assert run.optimizer is not None
+    run.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+    run._emergency = f"{type(exc).__name__}: {exc}"
+    try:
+        saved = checkpoint.save(run)
+    except Exception as failure:  # the original error matters more
+        exc.add_note(
+            f"treadle: writing an emergency checkpoint of step {state.step} failed too: "
+            f"{type(failure).__name__}: {failure}"
+        )
+        return
+    finally:
+        run._emergency = None
+    exc.add_note(
+        f"treadle: wrote an emergency checkpoint of step {state.step} (the last completed "
+        f"step) to {saved}; Config.resume='auto' continues from it"
+    )
+
+
+def _unsafe_to_save(run: Run, exc: Exception) -> str | None:
+    """Why the state after ``exc`` must not be saved, or None when it is the state of the last
+    completed step boundary (its weights whole)."""
+    if run.strategy.world_size != 1:
+        return "with several processes the others may be inside a collective"
+    traceback = exc.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        code = frame.f_code
+        if code is checkpoint.save.__code__:
+            return "the failure was in writing a checkpoint"
+        if code is _plain_step.__code__ or code is _train_step.__code__:
+            lines = _UPDATE_LINES.get(code)
+            if lines is None or traceback.tb_lineno in lines:
+                return "it happened in the optimizer step, so the weights may be half-updated"
+            if code is _train_step.__code__ and (
+                run._listeners.get("training_step") is not defaults.training_step
+            ):
+                return "a plugin's training_step may have updated the weights in part"
+        elif code.co_name in ("step", "zero_grad") and isinstance(
+            frame.f_locals.get("self"), torch.optim.Optimizer | torch.optim.lr_scheduler.LRScheduler
+        ):
+            return "it happened in the optimizer step, so the weights may be half-updated"
+        traceback = traceback.tb_next
+    return None
+
+
+def _update_lines(function: Any) -> frozenset[int] | None:
+    """The lines of ``function`` from the one marked ``[update]`` to ``[/update]``: a failure
+    there may leave the weights half-updated. None if its source cannot be read."""
+    try:
+        source, first = inspect.getsourcelines(function)
+    except (OSError, TypeError):
+        return None
+    marks = [
+        first + i for i, line in enumerate(source) if "# [update]" in line or "# [/update]" in line
+    ]
+    if len(marks) != 2:
+        return None
+    return frozenset(range(marks[0], marks[1] + 1))
+
+
 class _Meter:
     """Training loss and throughput since the last log, kept on the device until logged."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
+        self.warned_non_finite = False  # once per fit
         self._reset()
 
     def _reset(self) -> None:
@@ -348,6 +561,8 @@ class _Meter:
         both = run.strategy.all_reduce(both, "sum")
         both[0] /= run.strategy.world_size
         loss, samples_all = both.tolist()
+        if not math.isfinite(loss):
+            self._warn_non_finite(loss)
         metrics = {
             "loss": loss,
             "lr": float(run.optimizer.param_groups[0]["lr"]),
@@ -356,6 +571,25 @@ class _Meter:
         }
         self._reset()
         run.log(metrics)
+
+    def _warn_non_finite(self, loss: float) -> None:
+        run = self.run
+        if self.warned_non_finite or not run.is_main_process:
+            return
+        self.warned_non_finite = True
+        if any(
+            getattr(plugin, "name", None) == "numeric-guard"
+            for plugin in run.plugin_manager.get_plugins()
+        ):
+            return  # it acts on non-finite values itself
+        warnings.warn(
+            f"the training loss logged at step {run.state.step} is {loss}: the run has "
+            "diverged or its data holds non-finite values, and later checkpoints will hold "
+            "such weights. Add plugins=['numeric-guard'] to find the first bad step and stop "
+            "or skip it.",
+            TreadleWarning,
+            stacklevel=2,
+        )
 
 
 # ------------------------------------------------------------------ preemption
@@ -390,9 +624,8 @@ def preemption(run: Run) -> Iterator[None]:
         run._preempt_reason = f"preempted ({name})"
         run._preempt_requests = PREEMPT
         if run.is_main_process:
-            # os.write, not print: a handler may interrupt a print to the same stream
-            os.write(2, f"treadle: {name} received; finishing this step, saving and stopping "
-                        f"(send {name} again to stop at once)\n".encode())  # fmt: skip
+            report(2, f"treadle: {name} received; finishing this step, saving and stopping "
+                      f"(send {name} again to stop at once)\n")  # fmt: skip
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -403,6 +636,37 @@ def preemption(run: Run) -> Iterator[None]:
         yield
     finally:
         _restore(previous)
+
+
+def report(fd: int, text: str) -> None:
+    """Write ``text`` to ``fd`` with one system call; a write that fails is dropped.
+
+    os.write, not print: a signal handler may interrupt a print to the same stream. Nothing
+    that reports progress may stop a save: after ``python train.py 2>&1 | tee log`` the
+    terminal's Ctrl-C kills ``tee`` too, and the write raises ``BrokenPipeError``.
+    """
+    try:
+        os.write(fd, text.encode())
+    except BrokenPipeError:
+        discard_output(fd)
+    except OSError:  # closed, or a full disk: the message is lost, the run goes on
+        pass
+
+
+def discard_output(fd: int) -> None:
+    """Point ``fd``, whose reader is gone, at the null device: later writes to it (warnings, a
+    traceback, the interpreter's last flush, which would change the exit code to 120) succeed
+    instead of failing again."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(null, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(null)
 
 
 def _restore(previous: Mapping[int, Any]) -> None:
@@ -447,7 +711,9 @@ def _evaluate_one(run: Run, model: torch.nn.Module, name: str, data: Any) -> dic
     # padding to a multiple of the world size). It is cut off, so that the loss, the kept
     # outputs and the hooks see each sample once. None: every row is real (one process).
     left = gather.real_rows(run, loader)
+    batches = 0
     for batch in loader:
+        batches += 1
         batch = strategy.to_device(batch)
         real = None  # with padding in this batch: how many of its rows are real
         if left is not None:
@@ -465,12 +731,21 @@ def _evaluate_one(run: Run, model: torch.nn.Module, name: str, data: Any) -> dic
             outputs = {**gather.first_rows(outputs, 0, size), "count": 0}
         else:
             items = outputs.get("count", 1)
-            total += outputs["loss"].detach().double() * items
+            try:
+                total += outputs["loss"].detach().double() * items
+            except (RuntimeError, AttributeError) as exc:
+                raise defaults.loss_error(run, outputs["loss"], exc, evaluating=name) from exc
             count += items
         if keep:
             kept.append({key: outputs.get(key) for key in ("predictions", "labels")})
             rows += batch_rows(batch)
         run.emit("on_eval_step_end", run=run, name=name, batch=batch, outputs=outputs)
+    if not batches:  # every rank alike: a sharded loader gives each rank as many batches
+        raise TreadleError(
+            f"eval set {name!r} yielded no batch (evaluating at step {run.state.step}): it is "
+            f"{describe_data(data)}. Its loss would be logged as 0.0; pass data with at least "
+            "one batch, or leave it out of eval_data."
+        )
     total, count = strategy.all_reduce(total, "sum"), strategy.all_reduce(count, "sum")
     metrics = {f"{name}/loss": float((total / count.clamp_min(1)).item())}
     if keep:
@@ -525,3 +800,10 @@ def predict(run: Run, data: Any) -> list[Any]:
     run.emit("on_predict_end", run=run, predictions=predictions)
     model.train(was_training)
     return predictions
+
+
+_UPDATE_LINES = {
+    step.__code__: lines
+    for step in (_plain_step, _train_step)
+    if (lines := _update_lines(step)) is not None
+}

@@ -86,5 +86,5 @@ def load(kind: str, name: str) -> Any:
     )
     try:
         return point.load()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a module calling sys.exit() at import, too
         raise PluginLoadError(kind, name, entry.value, entry.distribution, exc) from exc

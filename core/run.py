@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import math
@@ -9,7 +10,7 @@ import random
 import signal
 import types
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,11 @@ import pluggy
 import torch
 from torch import nn
 
-from treadle import defaults, hookspecs, loop, registry
+from treadle import defaults, hookspecs, lock, loop, registry
 from treadle.components import CheckpointFormat, Logger, Precision, Strategy
 from treadle.config import Config
 from treadle.errors import ConfigError, PluginError, Preempted, TreadleError, TreadleWarning
-from treadle.loop import EVAL, LOG, SAVE, STOP
+from treadle.loop import EVAL, FINAL, LOG, SAVE, STOP
 from treadle.state import LossSum, State
 
 __all__ = ["Run", "seed_everything"]
@@ -52,7 +53,10 @@ class Run:
         loggers: a list of logger names, option mappings or instances.
         plugins: names of installed plugins, option mappings, modules or objects with
             ``@treadle.hookimpl`` methods.
-        loss_fn: ``loss_fn(outputs, batch)`` returning a scalar or a ``treadle.LossSum``.
+        loss_fn: ``loss_fn(outputs, batch)`` returning a scalar or a ``treadle.LossSum``. A
+            batch that is a tuple or list ``(inputs..., target)`` calls ``model(*inputs)``
+            (every item but the last) and ``loss_fn(outputs, batch)`` with the whole batch, so
+            the target is ``batch[-1]``; a mapping calls ``model(**batch)``.
 
     Example::
 
@@ -93,6 +97,7 @@ class Run:
         self.eval_data = eval_data
         self.loss_fn = loss_fn
         self.state = State()
+        self._check_composition()
 
         self.strategy: Strategy = _component("strategy", strategy, Strategy)
         if precision is not None and self.strategy.owns_precision:
@@ -138,6 +143,12 @@ class Run:
         self._preempted = False
         self._preempt_reason: str | None = None
         self._signal: int | None = None
+        # a final stop: of this fit (recorded by its checkpoints), or of the checkpoint resumed
+        self._final_stop: str | None = None
+        self._resumed_stop: str | None = None
+        self._emergency: str | None = None  # why the checkpoint being written is an emergency one
+        self._output_lock: lock.OutputLock | None = None
+        self._monitor_logged = False  # Config.monitor seen in a log during the current fit
 
         self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT)
         self.plugin_manager.add_hookspecs(hookspecs)
@@ -146,13 +157,18 @@ class Run:
             if component is not None:
                 self._register(component, getattr(component, "name", type(component).__name__))
         for spec in defaults.sequence_of(plugins):
-            plugin, name = _plugin(spec)
-            self._register(plugin, name)
+            self._register_plugin(spec)
         self._check_hooks()
         self._listeners: dict[str, Any] = {}
         self._plain_step = False  # loop.plain_step_applies, asked at each refresh
         self._refresh_listeners()
-        self.emit("on_init_end", run=self)
+        try:
+            self.emit("on_init_end", run=self)
+        except Exception as exc:
+            blamed = self._blame(exc)
+            if blamed is not None:
+                raise blamed from exc
+            raise
 
     # ------------------------------------------------------------------ what plugins read
 
@@ -190,9 +206,15 @@ class Run:
 
     # ------------------------------------------------------------------ what plugins may change
 
-    def request_stop(self, reason: str) -> None:
-        """Stop training at the next step boundary (after that step's log, eval and save)."""
-        self._requests |= STOP
+    def request_stop(self, reason: str, *, final: bool = True) -> None:
+        """Stop training at the next step boundary (after that step's log, eval and save).
+
+        A final stop (early stopping, a diverged run) is part of the run's state, like a
+        finish: the checkpoint of that step records it, and a run resumed from it trains no
+        further. ``final=False`` (a time budget, a planned pause) lets a resume continue, as
+        after preemption.
+        """
+        self._requests |= STOP | FINAL if final else STOP
         self._stop_reason = reason
 
     def skip_step(self, reason: str) -> None:
@@ -222,6 +244,7 @@ class Run:
         self.state.last_metrics.update(record)
         monitor = self.config.monitor
         if monitor is not None and monitor in record:
+            self._monitor_logged = True
             self._monitor_step = self.state.step  # a checkpoint of this step is ranked by it
             value = float(record[monitor])
             best = self.state.best_metric
@@ -238,8 +261,10 @@ class Run:
         return self._stopping
 
     def clear_stop(self) -> None:
-        """Forget a stop of an earlier ``fit`` (each ``fit`` starts without one)."""
+        """Forget a stop of an earlier ``fit`` (each ``fit`` starts without one), and the final
+        stop recorded by the checkpoint this run resumed from: the next ``fit`` trains on."""
         self._stopping = False
+        self._resumed_stop = None
 
     def fold_tokens(self) -> None:
         """Move the scored-token count kept on the device into ``state.tokens_seen``."""
@@ -278,10 +303,14 @@ class Run:
             self.train_data = train_data
         if config_changes:
             self.config = self.config.replace(**config_changes)
+        if train_data is not None or config_changes:
+            self._check_composition()
         if self.train_data is None:
             raise ConfigError("no training data: pass train_data to treadle.Run or to fit()")
-        with loop.preemption(self):
+        self._monitor_logged = False
+        with self._locked(), loop.preemption(self):
             state: State = self._guarded(loop.fit, self)
+        self._warn_if_monitor_unseen()
         if self._signal is not None or self._preempted:
             if self.checkpoint_format is None:
                 warnings.warn(
@@ -306,7 +335,8 @@ class Run:
         """Write a checkpoint now; returns its directory."""
         from treadle import checkpoint
 
-        path: Path = self._guarded(checkpoint.save, self)
+        with self._locked():
+            path: Path = self._guarded(checkpoint.save, self)
         return path
 
     def close(self) -> None:
@@ -377,10 +407,30 @@ class Run:
 
     def add_plugin(self, plugin: Any) -> None:
         """Register one more plugin (an object, module, name or option mapping)."""
-        obj, name = _plugin(plugin)
-        self._register(obj, name)
+        self._register_plugin(plugin)
         self._check_hooks()
         self._refresh_listeners()
+
+    def _register_plugin(self, spec: Any) -> None:
+        """A ``plugins=`` entry: it must implement a hook, or it would silently do nothing."""
+        plugin, name = _plugin(spec)
+        undecorated = _undecorated_hooks(plugin)
+        self._register(plugin, name)
+        if not self.plugin_manager.get_hookcallers(plugin):
+            self.plugin_manager.unregister(plugin)
+            found = (
+                f" Its methods {', '.join(undecorated)} are named like hooks but lack the "
+                "decorator."
+                if undecorated
+                else ""
+            )
+            raise ConfigError(
+                f"plugin {name!r} ({_describe(spec)}) implements no treadle hook, so it would do "
+                f"nothing.{found} Decorate its hook methods with @treadle.hookimpl (see "
+                "treadle.hookspecs for the hooks). If it is a callback written for another "
+                "library, install the treadle adapter package that accepts it."
+            )
+        _warn_undecorated(name, undecorated)
 
     def _guarded(self, function: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -392,28 +442,174 @@ class Run:
                 exc.add_note(f"(an on_exception hook also failed: {inner!r})")
             blamed = self._blame(exc)
             if blamed is not None:
+                for note in getattr(exc, "__notes__", ()):  # e.g. the emergency checkpoint
+                    blamed.add_note(note)
                 raise blamed from exc
             raise
 
     def _blame(self, exc: BaseException) -> PluginError | None:
-        """Name the plugin and hook whose implementation raised ``exc``, if one did."""
+        """Name the plugin and hook whose implementation raised ``exc``, if one did.
+
+        Two instances of one class (two loggers of a kind) share their methods' code, so a
+        frame is matched by its code *and* its ``self``; when neither tells, nobody is named.
+        """
         if not isinstance(exc, Exception) or isinstance(exc, TreadleError):
             return None
-        owners = {}
+        owners: dict[types.CodeType, list[tuple[object, str, str]]] = {}
         for hook_name in dir(self.plugin_manager.hook):
             caller = getattr(self.plugin_manager.hook, hook_name)
             if isinstance(caller, pluggy.HookCaller):
                 for impl in caller.get_hookimpls():
                     if impl.plugin_name != defaults.PLUGIN_NAME:
-                        owners[impl.function.__code__] = (impl.plugin_name, hook_name)
+                        code = getattr(impl.function, "__code__", None)
+                        if code is not None:
+                            owner = (impl.plugin, impl.plugin_name, hook_name)
+                            owners.setdefault(code, []).append(owner)
         culprit = None
         traceback = exc.__traceback__
         while traceback is not None:
-            culprit = owners.get(traceback.tb_frame.f_code, culprit)
+            candidates = owners.get(traceback.tb_frame.f_code)
+            if candidates:
+                culprit = _frame_owner(candidates, traceback.tb_frame) or culprit
             traceback = traceback.tb_next
         if culprit is None:
             return None
         return PluginError(culprit[0], culprit[1], f"{type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ composition checks
+
+    def check_monitor(self, metric: str, who: str) -> None:
+        """Refuse (``ConfigError``) a monitored evaluation metric that can never be logged, and
+        warn when it can be logged only once, at the end of ``fit``.
+
+        ``who`` names the option in messages, e.g. ``"early-stopping monitor"``. A metric is
+        an evaluation metric when its prefix is an eval set's name (``"eval/..."`` for one
+        set, the mapping's keys for several).
+        """
+        prefix = metric.partition("/")[0] if "/" in metric else None
+        names = (
+            [str(key) for key in self.eval_data]
+            if isinstance(self.eval_data, Mapping)
+            else ["eval"]
+        )
+        if prefix is None or (prefix != "eval" and prefix not in names):
+            return  # a training or plugin metric: logged on the run's own schedule
+        config = self.config
+        if self.eval_data is None or prefix not in names:
+            logged = (
+                "no eval_data was given"
+                if self.eval_data is None
+                else (f"the eval sets are named {', '.join(map(repr, names))}")
+            )
+            raise ConfigError(
+                f"{who} {metric!r} is an evaluation metric that is never logged: {logged}. "
+                "Pass eval_data (with Config.eval_every or eval_every_epoch), or monitor a "
+                "metric that is logged."
+            )
+        if config.eval_every is None and not config.eval_every_epoch:
+            when = "once, at the end of fit" if config.eval_at_end else "never (eval_at_end=False)"
+            if not config.eval_at_end:
+                raise ConfigError(
+                    f"{who} {metric!r} is never logged: evaluation runs {when}. "
+                    "Set Config.eval_every or eval_every_epoch."
+                )
+            warnings.warn(
+                f"{who} {metric!r} is logged only {when}, so it can act only once. Set "
+                "Config.eval_every (steps) or eval_every_epoch=True to evaluate during training.",
+                TreadleWarning,
+                stacklevel=3,
+            )
+
+    def _check_composition(self) -> None:
+        """Options that contradict each other or the data, refused (or warned) before compute."""
+        config = self.config
+        _check_output_dir(config.output_dir)
+        if self.eval_data is None:
+            for field, value in (
+                ("eval_every", config.eval_every),
+                ("eval_every_epoch", config.eval_every_epoch or None),
+            ):
+                if value is not None:
+                    raise ConfigError(
+                        f"Config.{field} = {value!r} is not allowed: no eval_data was given, so "
+                        "nothing would be evaluated. Pass eval_data to treadle.Run, or unset "
+                        f"{field}."
+                    )
+        if config.keep_best and config.monitor is not None:
+            self.check_monitor(config.monitor, "Config.monitor (keep_best)")
+        self._check_loader_options()
+
+    def _check_loader_options(self) -> None:
+        from torch.utils.data import DataLoader
+
+        if not isinstance(self.train_data, DataLoader):
+            return
+        config, defaults_ = self.config, Config()
+        ignored = [
+            f"{field}={getattr(config, field)!r}"
+            for field in ("shuffle", "drop_last")
+            if getattr(config, field) != getattr(defaults_, field)
+        ]
+        eval_sets = (
+            list(self.eval_data.values())
+            if isinstance(self.eval_data, Mapping)
+            else [self.eval_data]
+        )
+        batch_size_used = config.eval_batch_size is None and any(
+            d is not None and not isinstance(d, DataLoader) for d in eval_sets
+        )
+        if config.batch_size is not None and not batch_size_used:
+            ignored.insert(0, f"batch_size={config.batch_size!r}")
+        if ignored:
+            warnings.warn(
+                f"Config.{', Config.'.join(ignored)} cannot take effect: train_data is a ready "
+                "DataLoader, which batches (and shuffles) as it was built. Set these on the "
+                "DataLoader, or pass its Dataset as train_data to let treadle batch it.",
+                TreadleWarning,
+                stacklevel=4,
+            )
+
+    def _warn_if_monitor_unseen(self) -> None:
+        config = self.config
+        if not config.keep_best or config.monitor is None or self._monitor_logged:
+            return
+        if not self.is_main_process or self._preempted:
+            return
+        logged = sorted(set(self.state.last_metrics) - {"step", "epoch"}) or ["(nothing)"]
+        warnings.warn(
+            f"Config.monitor {config.monitor!r} was never logged during this fit, so keep_best "
+            f"could rank no checkpoint. Logged metrics: {', '.join(logged)}.",
+            TreadleWarning,
+            stacklevel=3,
+        )
+
+    @contextlib.contextmanager
+    def _building(self, kind: str, spec: Any) -> Iterator[None]:
+        """An optimizer/scheduler factory of the run's spec that fails names the spec; a
+        plugin's own ``make_*`` is left to ``_blame``, which names the plugin."""
+        try:
+            yield
+        except TreadleError:
+            raise
+        except Exception as exc:
+            if self._listeners.get(f"make_{kind}") is not getattr(defaults, f"make_{kind}"):
+                raise
+            raise ConfigError(
+                f"{kind} {_describe(spec)}: building it raised {type(exc).__name__}: {exc}"
+            ) from exc
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the output directory's lock (main process; re-entrant within this run)."""
+        if self._output_lock is not None or not self.is_main_process:
+            yield
+            return
+        self._output_lock = lock.acquire(self.output_dir)
+        try:
+            yield
+        finally:
+            self._output_lock.release()
+            self._output_lock = None
 
     # ------------------------------------------------------------------ set-up, once
 
@@ -432,13 +628,19 @@ class Run:
     def setup_optimizer(self) -> None:
         if self.optimizer is not None:
             return
-        optimizer = self.provide("make_optimizer", run=self, model=self.wrapped_model)
+        with self._building("optimizer", self.optimizer_spec):
+            optimizer = self.provide("make_optimizer", run=self, model=self.wrapped_model)
         self.optimizer = self.strategy.wrap_optimizer(optimizer)
         # an engine that wraps model and optimizer together is built now, and called from now on
         self._wrapped = self.strategy.attach_optimizer(self.wrapped_model, self.optimizer)
-        self.scheduler = self.provide(
-            "make_scheduler", optional=True, run=self, optimizer=self.optimizer
-        )
+        with self._building("scheduler", self.scheduler_spec):
+            self.scheduler = self.provide(
+                "make_scheduler", optional=True, run=self, optimizer=self.optimizer
+            )
+        if self.scheduler is not None:
+            _warn_undecorated(
+                f"scheduler:{type(self.scheduler).__name__}", _undecorated_hooks(self.scheduler)
+            )
         if self.scheduler is not None and _has_hookimpls(self.scheduler):
             self._register(self.scheduler, f"scheduler:{type(self.scheduler).__name__}")
             self._refresh_listeners()
@@ -452,6 +654,59 @@ def _has_hookimpls(obj: object) -> bool:
         hasattr(getattr(type(obj), name, None), f"{hookspecs.PROJECT}_impl")
         for name in dir(type(obj))
     )
+
+
+def _hook_names() -> list[str]:
+    return sorted(n for n in dir(hookspecs) if n.startswith(("on_", "make_")) or n in _PROVIDERS)
+
+
+def _undecorated_hooks(obj: object) -> list[str]:
+    """Methods named like a hook that lack ``@treadle.hookimpl`` (so pluggy ignores them)."""
+    found = []
+    for name in _hook_names():
+        attr = inspect.getattr_static(obj, name, None)
+        function = getattr(attr, "__func__", attr)  # staticmethod / classmethod
+        if callable(function) and not hasattr(function, f"{hookspecs.PROJECT}_impl"):
+            found.append(name)
+    return found
+
+
+def _warn_undecorated(name: str, methods: list[str]) -> None:
+    if methods:
+        warnings.warn(
+            f"plugin {name!r}: {', '.join(methods)} {'is' if len(methods) == 1 else 'are'} named "
+            "like a treadle hook but not decorated, so it is never called. Decorate it with "
+            "@treadle.hookimpl.",
+            TreadleWarning,
+            stacklevel=4,
+        )
+
+
+def _frame_owner(candidates: list[tuple[object, str, str]], frame: Any) -> tuple[str, str] | None:
+    """Which registered implementation a traceback frame belongs to (None: cannot tell)."""
+    if len(candidates) == 1:
+        return candidates[0][1], candidates[0][2]
+    this = frame.f_locals.get("self")
+    for plugin, name, hook in candidates:
+        if this is not None and this is plugin:
+            return name, hook
+    return None
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """An output directory (or a parent of it) that is a file fails every save: say so now."""
+    path = Path(output_dir)
+    for candidate in (path, *path.parents):
+        try:
+            if candidate.exists() and not candidate.is_dir():
+                raise ConfigError(
+                    f"Config.output_dir = {output_dir!r} is not allowed: {candidate} is a file, "
+                    "not a directory. Choose another output_dir, or move the file."
+                )
+        except OSError as exc:  # a name too long, a permission denied on a parent
+            raise ConfigError(
+                f"Config.output_dir = {output_dir!r} is not allowed: {exc.strerror or exc}"
+            ) from None
 
 
 def _hook_in(message: str) -> str:
@@ -507,7 +762,18 @@ def _instantiate(kind: str, name: str, target: Any, options: Mapping[str, Any]) 
         raise ConfigError(
             f"{kind} {name!r}: invalid options {sorted(options)}: {exc}. Allowed options: {allowed or 'none'}"
         ) from None
-    return target(**options)
+    except ValueError:
+        pass  # no signature to check (a builtin): the call below says what is wrong
+    try:
+        return target(**options)
+    except TreadleError:
+        raise  # already names what to fix
+    except Exception as exc:
+        shown = f" with options {_jsonable(options)}" if options else ""
+        message = f"building it{shown} raised {type(exc).__name__}: {exc}"
+        if kind == "plugin":
+            raise PluginError(name, "__init__", message) from exc
+        raise ConfigError(f"{kind} {name!r}: {message}") from exc
 
 
 def _component(kind: str, spec: Any, base: type) -> Any:

@@ -180,5 +180,6 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("treadle: error: unknown strategy 'dpp'.")
+    assert result.stderr.startswith(f"treadle: error: run file {run_file}, strategy: ")
+    assert "unknown strategy 'dpp'. Did you mean 'ddp'?" in result.stderr
     assert "Traceback" not in result.stderr

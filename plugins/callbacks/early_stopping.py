@@ -15,6 +15,10 @@ Decisions:
   evaluation that again fails to improve. Create a new instance to start over.
 * A checkpoint written while monitoring a different metric or mode is ignored (with a warning)
   rather than mixing two metrics' bests.
+* An evaluation metric (``eval/...``, or an eval set's name) that can never be logged (no eval
+  data, no evaluation) is a ``ConfigError`` when the run is composed and again before a fit's
+  first step; one logged only at the end of ``fit`` (no ``eval_every``/``eval_every_epoch``) gets a
+  ``TreadleWarning``: the plugin can act only once.
 * If ``monitor`` was never logged during a fit, a ``TreadleWarning`` says so at the end of the
   fit, listing the metrics that were logged: a misspelt name would otherwise fail silently.
 * Metrics reach ``on_log`` identically on every rank, so every rank makes the same decision.
@@ -96,6 +100,7 @@ class EarlyStopping:
         self.stopped_step: int | None = None
         self._seen_this_fit = False
         self._requested_this_fit = False
+        self._checked_this_fit = False
 
     def __repr__(self) -> str:
         return (
@@ -118,9 +123,25 @@ class EarlyStopping:
     # ------------------------------------------------------------------ hooks
 
     @hookimpl
+    def on_init_end(self, run: Run) -> None:
+        run.check_monitor(self.monitor, "early-stopping monitor")
+
+    @hookimpl
     def on_fit_begin(self) -> None:
         self._seen_this_fit = False
         self._requested_this_fit = False
+        self._checked_this_fit = False
+
+    @hookimpl
+    def on_epoch_begin(self, run: Run) -> None:
+        # fit(**changes) may have removed the evaluation schedule since the run was composed;
+        # checked before the fit's first step (on_fit_begin takes no run, for compatibility)
+        if self._checked_this_fit:
+            return
+        self._checked_this_fit = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TreadleWarning)  # said once already, at composition
+            run.check_monitor(self.monitor, "early-stopping monitor")
 
     @hookimpl
     def on_log(self, run: Run, metrics: Mapping[str, float]) -> None:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-from treadle.errors import ConfigError, TreadleError
+from treadle.errors import CheckpointError, ConfigError, TreadleError
 
 __all__ = [
     "StorageKey",
     "check_not_lfs_pointer",
+    "checked_file_name",
     "describe_mismatch",
+    "open_regular",
     "parse_size",
     "split_shared",
     "storage_key",
@@ -103,9 +107,42 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading, never through a link and never blocking on a FIFO.
+
+    Raises:
+        CheckpointError: ``path`` is missing, a symbolic link, or not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        why = "is a symbolic link" if Path(path).is_symlink() else f"cannot be read ({exc})"
+        raise CheckpointError(
+            f"{path} {why}; checkpoints are read from regular files only"
+        ) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path} is not a regular file; checkpoints are read from those only")
+    return os.fdopen(fd, "rb")
+
+
+def checked_file_name(name: object, listed_in: Path) -> str:
+    """``name``, read from ``listed_in``, if it is a plain file name (no folder, no ``..``).
+
+    Raises:
+        CheckpointError: any other name, which would read outside the checkpoint.
+    """
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise CheckpointError(
+            f"{listed_in} names the file {name!r}, which is not a plain file name"
+        )
+    return name
+
+
 def check_not_lfs_pointer(path: Path) -> None:
-    """Raise a clear error when ``path`` is a git-lfs pointer instead of the real file."""
-    with open(path, "rb") as handle:
+    """Raise a clear error when ``path`` is a git-lfs pointer instead of the real file (or
+    is not a regular file at all)."""
+    with open_regular(path) as handle:
         head = handle.read(len(_LFS_PREFIX))
     if head == _LFS_PREFIX:
         raise TreadleError(

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from treadle.components import CheckpointFormat
-from treadle.errors import ConfigError, TreadleError
-from treadle.plugins.checkpoint._tensors import describe_mismatch
+from treadle.errors import CheckpointError, ConfigError, TreadleError
+from treadle.plugins.checkpoint._tensors import checked_file_name, describe_mismatch, open_regular
 
 __all__ = ["DCPFormat"]
 
@@ -198,6 +198,21 @@ def _tensor_entries(path: Path, metadata: Any) -> dict[str, tuple[int, ...]]:
     return entries
 
 
+def _check_storage(folder: Path, file: Path, metadata: Any, metadata_class: type) -> None:
+    """Every data file that ``metadata`` names is a regular file directly in ``folder``: a
+    ``relative_path`` that climbs out would read another checkpoint's (or any) file."""
+    storage = getattr(metadata, "storage_data", None)
+    if (
+        not isinstance(metadata, metadata_class)
+        or not isinstance(metadata.state_dict_metadata, dict)
+        or not isinstance(storage, dict)
+    ):
+        raise CheckpointError(f"{file} is not a dcp metadata file (no tensor and storage tables)")
+    for info in storage.values():
+        name = checked_file_name(getattr(info, "relative_path", None), file)
+        open_regular(folder / name).close()
+
+
 def _read_metadata(path: Path) -> Any:
     return _reader_class()(path).read_metadata()
 
@@ -224,7 +239,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 @functools.cache
 def _reader_class() -> type:
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
     class SafeReader(FileSystemReader):  # type: ignore[misc]
         """DCP's file reader, with its metadata read by ``_MetadataUnpickler``."""
@@ -239,10 +254,13 @@ def _reader_class() -> type:
                     + ("" if Path(self.path).is_dir() else " (and so is the folder)")
                 )
             try:
-                with open(file, "rb") as handle:
+                with open_regular(file) as handle:
                     metadata = _MetadataUnpickler(handle).load()
-            except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as exc:
+            except CheckpointError:
+                raise
+            except Exception as exc:  # a damaged pickle fails in many ways
                 raise TreadleError(f"{file} is not a readable dcp metadata file: {exc}") from exc
+            _check_storage(Path(self.path), file, metadata, Metadata)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

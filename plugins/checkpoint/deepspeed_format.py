@@ -39,7 +39,7 @@ from torch import nn
 
 from treadle.errors import ConfigError, TreadleError, require
 from treadle.hookspecs import hookimpl
-from treadle.plugins.checkpoint._tensors import describe_mismatch
+from treadle.plugins.checkpoint._tensors import checked_file_name, describe_mismatch, open_regular
 from treadle.plugins.checkpoint.safetensors_format import SafetensorsFormat
 
 if TYPE_CHECKING:
@@ -236,9 +236,11 @@ def consolidated_weights(folder: Path) -> dict[str, torch.Tensor]:
     latest = folder / "latest"
     if not latest.is_file():
         raise TreadleError(f"{folder} holds no DeepSpeed checkpoint (its 'latest' file is missing)")
-    tag_dir = folder / latest.read_text().strip()
-    if not tag_dir.is_dir():
-        raise TreadleError(f"{latest} names {tag_dir.name!r}, which is not in {folder}")
+    with open_regular(latest) as handle:
+        tag = handle.read(4096).decode("utf-8", "replace").strip()
+    tag_dir = folder / checked_file_name(tag, latest)
+    if tag_dir.is_symlink() or not tag_dir.is_dir():
+        raise TreadleError(f"{latest} names {tag!r}, which is not a folder in {folder}")
     with weights_only_loads():
         if any(tag_dir.glob("*optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

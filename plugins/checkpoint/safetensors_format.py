@@ -32,7 +32,9 @@ from treadle.components import CheckpointFormat
 from treadle.errors import TreadleError, TreadleWarning
 from treadle.plugins.checkpoint._tensors import (
     check_not_lfs_pointer,
+    checked_file_name,
     describe_mismatch,
+    open_regular,
     parse_size,
     split_shared,
     write_atomically,
@@ -351,10 +353,11 @@ def _read_checkpoint(directory: Path, stem: str) -> _Checkpoint:
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     check_not_lfs_pointer(path)
     try:
-        index = json.loads(path.read_text("utf-8"))
+        with open_regular(path) as handle:
+            index = json.loads(handle.read().decode("utf-8"))
         weight_map = index["weight_map"]
         aliases = index.get("metadata", {}).get(ALIASES_KEY, {})
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise TreadleError(f"{path} is not a safetensors index: {exc}") from exc
     for mapping in (weight_map, aliases):
         if not isinstance(mapping, dict) or not all(
@@ -363,8 +366,7 @@ def _read_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
             raise TreadleError(f"{path} is not a safetensors index: expected name-to-name maps")
     for file in set(weight_map.values()):
         # Shard names are plain file names; anything else would read outside the checkpoint.
-        if Path(file).name != file or file in ("", ".", ".."):
-            raise TreadleError(f"{path} names the shard {file!r}, which is not a file name")
+        checked_file_name(file, path)
     return weight_map, aliases
 
 
@@ -389,8 +391,12 @@ def _read_header(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dic
     if ALIASES_KEY in metadata:
         try:
             aliases = json.loads(metadata[ALIASES_KEY])
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise TreadleError(f"{path}: invalid {ALIASES_KEY!r} metadata: {exc}") from exc
+        if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+        ):
+            raise TreadleError(f"{path}: {ALIASES_KEY!r} metadata must map names to names")
     return keys, shapes, aliases
 
 

@@ -7,6 +7,10 @@ they stay on screen. When the output is not a terminal (CI, ``nohup``, a file) a
 would fill the log with carriage returns, so the logger prints one plain line per ``on_log``
 instead. Either way ``finish`` prints a one-line summary.
 
+A stream that fails (``python train.py 2>&1 | tee log`` whose ``tee`` died of the same Ctrl-C:
+``BrokenPipeError``) is given up at its first failure, silently: reporting progress must never
+stop a run, least of all the save that follows an interrupt.
+
 Cost per step: ``on_step_end`` only counts the step and compares ``time.perf_counter()`` with the
 next redraw time; the bar is advanced (``bar.update(n)``) at most every ``refresh_s`` seconds.
 It never reads the loss tensor, so it adds no host-device synchronisation.
@@ -27,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 from treadle.components import Logger
 from treadle.errors import ConfigError
 from treadle.hookspecs import hookimpl
+from treadle.loop import discard_output
 
 if TYPE_CHECKING:
     from treadle.run import Run
@@ -161,6 +166,12 @@ class ConsoleLogger(Logger):
         """Update the bar's postfix (training logs) or print a line (everything else)."""
         if self.disable:
             return
+        try:
+            self._log(metrics, step)
+        except (OSError, ValueError) as exc:
+            self._give_up(exc)
+
+    def _log(self, metrics: Mapping[str, float], step: int) -> None:
         is_train = "loss" in metrics or "lr" in metrics
         if "loss" in metrics:
             self._last_loss = float(metrics["loss"])
@@ -177,14 +188,17 @@ class ConsoleLogger(Logger):
 
     def finish(self) -> None:
         """Close the bars and print one summary line."""
-        self._close_eval_bar()
-        if self._train_bar is not None:
-            self._flush_train()
-            self._train_bar.close()
-            self._train_bar = None
-        if self.disable or self._run is None:
-            return
-        self._write(self._summary(self._run))
+        try:
+            self._close_eval_bar()
+            if self._train_bar is not None:
+                self._flush_train()
+                self._train_bar.close()
+                self._train_bar = None
+            if self.disable or self._run is None:
+                return
+            self._write(self._summary(self._run))
+        except (OSError, ValueError) as exc:
+            self._give_up(exc)
 
     # ------------------------------------------------------------------ hooks
 
@@ -201,7 +215,10 @@ class ConsoleLogger(Logger):
         # schedulers see it), so the bar counts absolute steps: a resumed run shows "37/100".
         self._total = run.total_steps
         if self._use_bar:
-            self._open_train_bar()
+            try:
+                self._open_train_bar()
+            except (OSError, ValueError) as exc:
+                self._give_up(exc)
 
     @hookimpl
     def on_step_end(self, run: Run) -> None:
@@ -210,7 +227,10 @@ class ConsoleLogger(Logger):
             return
         self._pending += 1
         if time.perf_counter() >= self._next_draw:
-            self._flush_train()
+            try:
+                self._flush_train()
+            except (OSError, ValueError) as exc:
+                self._give_up(exc)
 
     @hookimpl
     def on_eval_begin(self, run: Run, name: str) -> None:
@@ -223,18 +243,21 @@ class ConsoleLogger(Logger):
             return
         from tqdm import tqdm
 
-        self._close_eval_bar()
-        self._eval_pending = 0
-        self._eval_bar = tqdm(
-            total=run.eval_length(name),
-            desc=name,
-            unit="batch",
-            leave=False,
-            file=self._out,
-            dynamic_ncols=True,
-            mininterval=0,
-            miniters=1,
-        )
+        try:
+            self._close_eval_bar()
+            self._eval_pending = 0
+            self._eval_bar = tqdm(
+                total=run.eval_length(name),
+                desc=name,
+                unit="batch",
+                leave=False,
+                file=self._out,
+                dynamic_ncols=True,
+                mininterval=0,
+                miniters=1,
+            )
+        except (OSError, ValueError) as exc:
+            self._give_up(exc)
 
     @hookimpl
     def on_eval_step_end(self, run: Run) -> None:
@@ -242,13 +265,20 @@ class ConsoleLogger(Logger):
             return
         self._eval_pending += 1
         if time.perf_counter() >= self._next_draw:
-            self._eval_bar.update(self._eval_pending)
+            try:
+                self._eval_bar.update(self._eval_pending)
+            except (OSError, ValueError) as exc:
+                self._give_up(exc)
+                return
             self._eval_pending = 0
             self._next_draw = time.perf_counter() + self.refresh_s
 
     @hookimpl
     def on_eval_end(self, run: Run) -> None:
-        self._close_eval_bar()
+        try:
+            self._close_eval_bar()
+        except (OSError, ValueError) as exc:
+            self._give_up(exc)
 
     @hookimpl
     def on_exception(self, run: Run, exception: BaseException) -> None:
@@ -318,6 +348,22 @@ class ConsoleLogger(Logger):
             if reason:
                 text += f"; stopped: {reason}"
         return text
+
+    def _give_up(self, exc: BaseException) -> None:
+        """The stream failed (a reader that is gone, a closed file): write nothing more to it."""
+        self.disable = True
+        for bar in (self._train_bar, self._eval_bar):
+            if bar is not None:
+                bar.disable = True  # so that tqdm's close() at exit writes nothing either
+        self._train_bar = self._eval_bar = None
+        self._use_bar = False
+        if isinstance(exc, BrokenPipeError):
+            try:
+                fd = self._out.fileno()
+            except (AttributeError, OSError, ValueError):
+                return
+            if fd in (1, 2):  # the interpreter's last flush of it would fail and exit 120
+                discard_output(fd)
 
     def _write(self, line: str) -> None:
         if self._use_bar:

@@ -26,12 +26,15 @@ import torch
 from torch import nn
 
 from treadle.components import Strategy
+from treadle.config import Config
 from treadle.defaults import batch_rows
 from treadle.errors import ConfigError, TreadleError, TreadleWarning
 from treadle.hookspecs import hookimpl
+from treadle.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from treadle.run import Run
+    from treadle.state import State
 
 __all__ = ["TorchDistributed", "free_port", "parse_dtype"]
 
@@ -88,7 +91,10 @@ class TorchDistributed(Strategy):
         backend: the process-group backend; "auto" picks NCCL for CUDA, gloo for CPU, and
             torch's default for other devices. Any backend torch knows ("gloo", "nccl",
             "cpu:gloo,cuda:nccl") is passed through.
-        timeout: seconds a collective may wait before the group reports an error.
+        timeout: seconds a collective may wait before the group reports an error, and a
+            rank may make no progress before its watchdog ends it; None (the default):
+            ``Config.collective_timeout_s``. A process group the program made itself keeps
+            its own timeout (the watchdog still uses this one).
         device: "auto" (this process's CUDA device, ``LOCAL_RANK``, if CUDA is available,
             else CPU), "cpu", or a device type ("cuda"); the index is always ``LOCAL_RANK``.
 
@@ -98,15 +104,27 @@ class TorchDistributed(Strategy):
 
     name = "torch-distributed"
 
-    def __init__(self, *, backend: str = "auto", timeout: float = 1800.0, device: str = "auto"):
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+    def __init__(
+        self, *, backend: str = "auto", timeout: float | None = None, device: str = "auto"
+    ) -> None:
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout < float("inf")
+        ):
             raise ConfigError(
-                f"strategy {self.name!r}: timeout={timeout!r} must be a positive number of seconds"
+                f"strategy {self.name!r}: timeout={timeout!r} must be a positive number of "
+                "seconds, or None for Config.collective_timeout_s"
             )
         if not isinstance(backend, str) or not backend:
             raise ConfigError(f"strategy {self.name!r}: backend={backend!r} must be a name")
         self.backend = backend
-        self.timeout = float(timeout)
+        self.requested_timeout = None if timeout is None else float(timeout)
+        #: the collectives' timeout and the watchdog's limit (None: torch's, no watchdog);
+        #: known at ``setup``, from the option or ``Config.collective_timeout_s``
+        self.timeout: float | None = self.requested_timeout
+        self._watchdog: Watchdog | None = None
+        self._state: State | None = None  # the run's, for the step in error messages
         self.requested_device = device
         # Known before setup, so that ``run.is_main_process`` is right while the run composes.
         self.rank, self.world_size, self.local_rank = _ranks_now()
@@ -157,6 +175,12 @@ class TorchDistributed(Strategy):
             raise TreadleError(
                 f"strategy {self.name!r} needs torch.distributed, which this torch build lacks"
             )
+        # ``run`` may be None where a strategy is driven without one (the conformance kit)
+        self._state = getattr(run, "state", None)
+        if self.requested_timeout is None:
+            config = getattr(run, "config", None) or Config()
+            limit = config.collective_timeout_s
+            self.timeout = None if limit is None else float(limit)
         if not dist.is_initialized():
             self._init_group(dist)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -171,8 +195,9 @@ class TorchDistributed(Strategy):
 
     def _init_group(self, dist: Any) -> None:
         backend = self._backend_for(self.device)
-        timeout = datetime.timedelta(seconds=self.timeout)
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
+        kwargs: dict[str, Any] = {"backend": backend}
+        if self.timeout is not None:  # else torch's default
+            kwargs["timeout"] = datetime.timedelta(seconds=self.timeout)
         if self.device.type == "cuda":
             kwargs["device_id"] = self.device  # binds NCCL to this GPU at once
         if _launched():
@@ -181,6 +206,13 @@ class TorchDistributed(Strategy):
                 raise ConfigError(
                     f"strategy {self.name!r}: RANK and WORLD_SIZE are set but {' and '.join(missing)} "
                     "are not; start the processes with torchrun or `treadle launch`, which set them"
+                )
+            store = _attempt_store(dist, kwargs.get("timeout"))
+            if store is not None:
+                kwargs.update(
+                    store=store,
+                    rank=int(os.environ["RANK"]),
+                    world_size=int(os.environ["WORLD_SIZE"]),
                 )
             dist.init_process_group(**kwargs)
         else:
@@ -210,6 +242,7 @@ class TorchDistributed(Strategy):
 
     def teardown(self) -> None:
         """Free the wrapped model, then leave the process group if this strategy joined it."""
+        self._stop_watchdog()
         self._release()
         gc.collect()  # DDP's reducer and FSDP's state must die before their process group
         import torch.distributed as dist
@@ -238,7 +271,10 @@ class TorchDistributed(Strategy):
         if op == "mean" and not tensor.is_floating_point():
             tensor = tensor.double()
         reduce_op = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}.get(op, dist.ReduceOp.SUM)
-        dist.all_reduce(tensor, op=reduce_op)
+        try:
+            dist.all_reduce(tensor, op=reduce_op)
+        except RuntimeError as exc:
+            raise self._collective_failed("all_reduce", exc) from exc
         if op == "mean":
             tensor.div_(self.world_size)
         return tensor
@@ -249,7 +285,10 @@ class TorchDistributed(Strategy):
         import torch.distributed as dist
 
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, obj, group=self._host_group)
+        try:
+            dist.all_gather_object(gathered, obj, group=self._host_group)
+        except RuntimeError as exc:
+            raise self._collective_failed("all_gather_object", exc) from exc
         return gathered
 
     def barrier(self) -> None:
@@ -257,10 +296,13 @@ class TorchDistributed(Strategy):
             return
         import torch.distributed as dist
 
-        if self._host_group is None and self._host_device.type == "cuda":
-            dist.barrier(device_ids=[self._host_device.index])
-        else:
-            dist.barrier(group=self._host_group)
+        try:
+            if self._host_group is None and self._host_device.type == "cuda":
+                dist.barrier(device_ids=[self._host_device.index])
+            else:
+                dist.barrier(group=self._host_group)
+        except RuntimeError as exc:
+            raise self._collective_failed("barrier", exc) from exc
 
     def agree(self, requests: int) -> int:
         """Bitwise OR of every rank's requests, with one small all-reduce (MAX per bit)."""
@@ -273,14 +315,49 @@ class TorchDistributed(Strategy):
             dtype=torch.int32,
             device=self._host_device,
         )
-        dist.all_reduce(bits, op=dist.ReduceOp.MAX, group=self._host_group)
+        try:
+            dist.all_reduce(bits, op=dist.ReduceOp.MAX, group=self._host_group)
+        except RuntimeError as exc:
+            raise self._collective_failed("agree", exc) from exc
         return sum(1 << i for i, bit in enumerate(bits.tolist()) if bit)
+
+    def _collective_failed(self, collective: str, exc: RuntimeError) -> Exception:
+        """The error to raise for a failed collective: a TreadleError naming the step, the
+        collective and the timeout when another rank is late or gone, else ``exc`` itself."""
+        if not _lost_peer(exc):
+            return exc
+        return TreadleError(f"{self._failure_summary(collective)} ({_first_line(exc)})")
+
+    def _failure_summary(self, collective: str) -> str:
+        step = "?" if self._state is None else self._state.step
+        timeout = "torch's default" if self.timeout is None else f"{self.timeout:g} s"
+        return (
+            f"rank {self.rank}: collective {collective!r} failed at step {step}: another rank "
+            f"did not join it within the process group's timeout ({timeout}; "
+            "Config.collective_timeout_s) or has ended. That rank is stuck or dead; its own "
+            "output says where (a stuck rank's watchdog prints 'treadle: rank N made no "
+            "progress ...')"
+        )
 
     # ------------------------------------------------------------------ the global batch
 
-    @hookimpl
+    @hookimpl(tryfirst=True)  # before any plugin's on_fit_begin, which the watchdog watches
     def on_fit_begin(self, run: Run) -> None:
-        """Print the global batch once, on the main process."""
+        """Start this rank's watchdog; print the global batch once, on the main process."""
+        if self.world_size > 1 and self.timeout is not None:
+            if self._watchdog is None or self._watchdog.run is not run:
+                self._watchdog = Watchdog(
+                    run,
+                    self.timeout,
+                    rank=self.rank,
+                    collectives={
+                        "agree": self.agree,
+                        "all_reduce": self.all_reduce,
+                        "barrier": self.barrier,
+                        "all_gather_object": self.all_gather_object,
+                    },
+                )
+            self._watchdog.start()
         if self._printed_batch or not run.is_main_process:
             return
         self._printed_batch = True
@@ -295,6 +372,82 @@ class TorchDistributed(Strategy):
         print(
             f"treadle: {self.name}: global batch {total} = {factors}", file=sys.stderr, flush=True
         )
+
+    @hookimpl
+    def on_eval_step_end(self) -> None:
+        """An evaluation batch is progress (a long evaluation changes no step counter)."""
+        if self._watchdog is not None:
+            self._watchdog.beats += 1
+
+    @hookimpl
+    def on_predict_step_end(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.beats += 1
+
+    @hookimpl(trylast=True)  # after every plugin's on_fit_end, which the watchdog watches
+    def on_fit_end(self) -> None:
+        self._stop_watchdog()
+
+    @hookimpl(trylast=True)
+    def on_exception(self, exception: BaseException) -> None:
+        """Stop the watchdog; name the step and the timeout in a collective's own error
+        (DDP's and FSDP's, which run inside the engine, not through this strategy)."""
+        self._stop_watchdog()
+        if (
+            self.world_size > 1
+            and isinstance(exception, RuntimeError)
+            and not isinstance(exception, TreadleError)
+            and _lost_peer(exception)
+        ):
+            exception.add_note(f"treadle: {self._failure_summary('inside the engine')}")
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+
+
+#: words of torch's and gloo's/NCCL's messages when a peer is late or gone
+_LOST_PEER_WORDS = ("timed out", "timeout", "connection closed", "connection reset",
+                    "broken pipe", "connection refused")  # fmt: skip
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    kinds = tuple(
+        getattr(dist, name)
+        for name in ("DistBackendError", "DistNetworkError")
+        if hasattr(dist, name)
+    )
+    text = str(exc).lower()
+    return isinstance(exc, kinds) or any(word in text for word in _LOST_PEER_WORDS)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _attempt_store(dist: Any, timeout: datetime.timedelta | None) -> Any:
+    """Under ``torchrun --max-restarts``: the launcher's store, with keys of this attempt only.
+
+    torchrun's workers share its rendezvous store, which outlives a restart; the group of a
+    restarted attempt would read the addresses the previous attempt's ranks published there
+    and fail to connect to the dead ones. Prefixing the keys with the restart count keeps each
+    attempt's group to itself. None: not under torchrun's shared store (``init_process_group``
+    reads the environment as usual).
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout or datetime.timedelta(minutes=30),
+    )
+    return dist.PrefixStore(f"treadle/attempt-{restart}", store)
 
 
 def _ranks_now() -> tuple[int, int, int]:

@@ -34,7 +34,9 @@ class DDPStrategy(TorchDistributed):
         broadcast_buffers: copy rank 0's buffers (batch-norm statistics) to every rank at
             each forward.
         backend: the process-group backend ("auto": NCCL for CUDA, gloo for CPU).
-        timeout: seconds a collective may wait before the group reports an error.
+        timeout: seconds a collective may wait before the group reports an error (and a
+            rank may make no progress before its watchdog ends it); None:
+            ``Config.collective_timeout_s``.
         device: "auto" (CUDA if available, else CPU), "cpu", or a device type.
 
     Raises:
@@ -56,7 +58,7 @@ class DDPStrategy(TorchDistributed):
         bucket_cap_mb: float | None = None,
         broadcast_buffers: bool = True,
         backend: str = "auto",
-        timeout: float = 1800.0,
+        timeout: float | None = None,
         device: str = "auto",
     ) -> None:
         super().__init__(backend=backend, timeout=timeout, device=device)

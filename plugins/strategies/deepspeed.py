@@ -65,6 +65,8 @@ _PRECISIONS = {
     "fp16-mixed": torch.float16,
 }
 _OFFLOAD = ("cpu", "nvme")
+#: ``ShareMemCommBuilder.NAME``: DeepSpeed's CPU shared-memory communication op
+_SHM_COMM_OP = "deepspeed_shm_comm"
 #: DeepSpeed config keys that describe the batch; treadle's Config decides them.
 _BATCH_KEYS = {
     "train_micro_batch_size_per_gpu": "the per-device batch size of the training data",
@@ -75,6 +77,29 @@ _BATCH_KEYS = {
 
 def _deepspeed() -> Any:
     return require("deepspeed", extra="deepspeed", what="strategy 'deepspeed'")
+
+
+def _skip_shared_memory_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory communication op on CPU.
+
+    DeepSpeed's torch backend compiles ``deepspeed_shm_comm`` when it is first made (at
+    ``initialize`` or ``zero.Init``), into the shared ``~/.cache/torch_extensions`` under a lock
+    file. The op serves only ``inference_all_reduce`` (tensor-parallel inference), which
+    training never calls and which falls back to the process group without it; the build
+    costs 20 s to minutes on first use, and a process killed while building leaves the lock
+    behind, so that every later DeepSpeed run on the machine waits on it forever. DeepSpeed
+    keeps its op-compatibility table in one module-level dict and reads it before building:
+    marking the op incompatible there skips the build. Nothing is changed once DeepSpeed's
+    backend exists (another library made it first).
+    """
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.ops as ds_ops
+
+    if getattr(ds_comm, "cdb", None) is not None:
+        return
+    compatible = getattr(ds_ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible[_SHM_COMM_OP] = False
 
 
 def _check_installed() -> None:
@@ -132,7 +157,7 @@ class DeepSpeedStrategy(TorchDistributed):
         config: str | Mapping[str, Any] | None = None,
         cpu_adam: bool = True,
         backend: str = "auto",
-        timeout: float = 1800.0,
+        timeout: float | None = None,
         device: str = "auto",
     ) -> None:
         super().__init__(backend=backend, timeout=timeout, device=device)
@@ -305,6 +330,7 @@ class DeepSpeedStrategy(TorchDistributed):
         """Join the process group (as ``ddp`` does); the engine is built with the optimizer."""
         self._run = run
         super().setup(run)
+        _skip_shared_memory_comm_build()
 
     @hookimpl
     def on_init_end(self, run: Run) -> None:

@@ -119,7 +119,7 @@ class FSDPStrategy(TorchDistributed):
         init_weights: Callable[[nn.Module], Any] | str = _DEFAULT_INIT,
         init_seed: int | None = None,
         backend: str = "auto",
-        timeout: float = 1800.0,
+        timeout: float | None = None,
         device: str = "auto",
     ) -> None:
         super().__init__(backend=backend, timeout=timeout, device=device)

@@ -70,7 +70,7 @@ class NPUStrategy(DDPStrategy):
         gradient_as_bucket_view: bool = False,
         bucket_cap_mb: float | None = None,
         broadcast_buffers: bool = True,
-        timeout: float = 1800.0,
+        timeout: float | None = None,
     ) -> None:
         _torch_npu()  # before the device is chosen: it makes "npu" a device torch knows
         super().__init__(
