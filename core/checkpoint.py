@@ -678,22 +678,25 @@ def _is_int(value: Any) -> typing.TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_like(file: Path, value: Any, reference: Any, at: str) -> None:
-    """``value`` has the structure of ``reference`` (what this run has now): same keys, same
-    lengths, numbers where it has numbers. A torch scheduler takes any dict without a check."""
+def _check_like(file: Path, value: Any, reference: Any, at: str, *, partial: bool = False) -> None:
+    """``value`` has the structure of ``reference`` (what this run has now): mappings with at
+    least its keys (``partial``: only the keys both have are compared), the same lengths,
+    numbers where it has numbers. Extra keys are allowed: a newer torch adds options, and a
+    scheduler adds ``initial_lr`` to the optimizer's groups (which is why those are compared
+    ``partial``ly: a run may resume with a scheduler the saved one did not have)."""
     if reference is None or value is None:
         return
     if isinstance(reference, Mapping):
-        ok = isinstance(value, Mapping) and set(value) == set(reference)
+        ok = isinstance(value, Mapping) and (partial or reference.keys() <= value.keys())
         if ok:
-            for key in reference:
-                _check_like(file, value[key], reference[key], f"{at}.{key}")
+            for key in reference.keys() & value.keys():
+                _check_like(file, value[key], reference[key], f"{at}.{key}", partial=partial)
             return
     elif isinstance(reference, list | tuple):
         ok = isinstance(value, list | tuple) and len(value) == len(reference)
         if ok:
             for index, (item, ref) in enumerate(zip(value, reference)):
-                _check_like(file, item, ref, f"{at}[{index}]")
+                _check_like(file, item, ref, f"{at}[{index}]", partial=partial)
             return
     elif isinstance(reference, bool | str | torch.Tensor):
         ok = isinstance(value, type(reference))
@@ -725,6 +728,7 @@ def _check_optimizer_state(file: Path, value: Any, optimizer: torch.optim.Optimi
         [{**g, "params": len(g["params"])} for g in groups],
         [{**g, "params": len(g["params"])} for g in current],
         "value.param_groups",
+        partial=True,
     )
     for key, entry in value["state"].items():
         if not isinstance(entry, Mapping) or not all(
