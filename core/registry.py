@@ -15,10 +15,14 @@ import importlib_metadata
 
 from treadle.errors import PluginLoadError, TreadleError, UnknownNameError
 
-__all__ = ["KINDS", "Entry", "entries", "installed", "load", "refresh"]
+__all__ = ["KINDS", "Entry", "adapt", "entries", "installed", "load", "refresh"]
 
-#: One entry-point group per kind of component: ``treadle.<kind>``.
-KINDS = ("strategy", "precision", "optimizer", "scheduler", "logger", "checkpoint", "plugin")
+#: One entry-point group per kind: ``treadle.<kind>``. Every kind but ``adapter`` is chosen by
+#: name; every installed ``adapter`` is asked about a ``plugins=`` object that implements no
+#: treadle hook (see ``adapt``).
+KINDS = (
+    "strategy", "precision", "optimizer", "scheduler", "logger", "checkpoint", "plugin", "adapter",
+)  # fmt: skip
 
 
 class Entry(NamedTuple):
@@ -88,3 +92,27 @@ def load(kind: str, name: str) -> Any:
         return point.load()
     except (Exception, SystemExit) as exc:  # a module calling sys.exit() at import, too
         raise PluginLoadError(kind, name, entry.value, entry.distribution, exc) from exc
+
+
+def adapt(obj: object) -> tuple[str, object] | None:
+    """A treadle plugin for ``obj``, a foreign plugin object, from the first installed adapter
+    that accepts it: ``(adapter name, plugin)``; None when no adapter does.
+
+    An adapter is a callable declared in the ``treadle.adapter`` entry-point group; it is called
+    with the object and returns an object with ``@treadle.hookimpl`` methods, or None when it
+    does not handle that kind of object. This is how a package such as ``treadle-hf`` makes
+    ``plugins=[SomeTrainerCallback()]`` work without the kernel naming any foreign library.
+    Adapters are imported only here, when such an object is passed.
+    """
+    for name in sorted(entries("adapter")):
+        adapter = load("adapter", name)
+        try:
+            plugin = adapter(obj)
+        except Exception as exc:
+            raise TreadleError(
+                f"adapter {name!r} failed on {type(obj).__qualname__}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if plugin is not None:
+            return name, plugin
+    return None

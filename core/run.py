@@ -418,6 +418,12 @@ class Run:
         self._register(plugin, name)
         if not self.plugin_manager.get_hookcallers(plugin):
             self.plugin_manager.unregister(plugin)
+            # a foreign plugin object (whose methods may even be named like treadle's hooks)
+            adapted = registry.adapt(plugin)
+            if adapted is not None:
+                adapter, wrapper = adapted
+                self._register(wrapper, f"{adapter}:{name}")
+                return
             found = (
                 f" Its methods {', '.join(undecorated)} are named like hooks but lack the "
                 "decorator."

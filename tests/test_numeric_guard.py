@@ -174,7 +174,8 @@ def test_stop_saves_the_last_finite_weights_and_stops(tmp_path: Path) -> None:
         loss_fn=NaNLoss(None),
         config=treadle.Config(max_steps=3, output_dir=str(tmp_path), resume=str(saved)),
     )
-    reloaded.fit()  # already at max_steps: only loads
+    with pytest.warns(treadle.TreadleWarning, match="already stopped at step 3 \\(numeric-guard"):
+        reloaded.fit()  # the checkpoint records the guard's stop: it only loads
     assert same(_weights(reloaded.model), recorder.weights[2])
 
 

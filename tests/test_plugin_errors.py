@@ -202,3 +202,43 @@ def test_early_stopping_is_checked_again_when_fit_changes_the_schedule(tmp_path:
     with pytest.raises(ConfigError, match=r"early-stopping monitor .eval/loss. is never logged"):
         run.fit(eval_every=None, eval_at_end=False)
     assert run.state.step == 0
+
+
+def test_an_installed_adapter_turns_a_foreign_object_into_a_plugin(fake_dist: Any) -> None:
+    fake_dist(
+        "acme-adapter",
+        {"treadle.adapter": {"acme": "acme_adapter:adapt"}},
+        modules={
+            "acme_adapter": """
+                import treadle
+
+                class ForeignCallback:  # another library's callback: no treadle hooks
+                    def on_step_end(self, info):
+                        self.steps = getattr(self, "steps", 0) + 1
+
+                class Adapted:
+                    def __init__(self, foreign):
+                        self.foreign = foreign
+
+                    @treadle.hookimpl
+                    def on_step_end(self, run):
+                        self.foreign.on_step_end(run.state.step)
+
+                def adapt(obj):
+                    return Adapted(obj) if isinstance(obj, ForeignCallback) else None
+            """
+        },
+    )
+    import acme_adapter
+
+    foreign = acme_adapter.ForeignCallback()
+    run = treadle.Run(
+        toy.model(), toy.train_data(), loggers=[], checkpoint=None, plugins=[foreign],
+        config=treadle.Config(max_steps=3),
+    )  # fmt: skip
+    assert "acme:ForeignCallback" in run.plugin_manager.list_name_plugin()[-1][0]
+    run.fit()
+    assert foreign.steps == 3
+    # an object no adapter accepts is still refused, naming the fix
+    with pytest.raises(treadle.ConfigError, match="install the treadle adapter package"):
+        treadle.Run(toy.model(), toy.train_data(), loggers=[], plugins=[object()])
