@@ -110,8 +110,7 @@ def adapt(obj: object) -> tuple[str, object] | None:
             plugin = adapter(obj)
         except Exception as exc:
             raise TreadleError(
-                f"adapter {name!r} failed on {type(obj).__qualname__}: "
-                f"{type(exc).__name__}: {exc}"
+                f"adapter {name!r} failed on {type(obj).__qualname__}: {type(exc).__name__}: {exc}"
             ) from exc
         if plugin is not None:
             return name, plugin
