@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from torch import nn
 from treadle import registry
 from treadle.components import CheckpointFormat
 from treadle.data import ResumableSampler
-from treadle.errors import CheckpointError, TreadleError, TreadleWarning
+from treadle.errors import CheckpointError, ConfigError, TreadleError, TreadleWarning
 from treadle.state import State
 
 if TYPE_CHECKING:
@@ -825,18 +826,22 @@ def load_weights(
         raise TreadleError(f"cannot load the weights of {directory} into the model: {exc}") from exc
 
 
-def export(source: Path | str, out: Path | str, format: str = "safetensors") -> Path:
+def export(
+    source: Path | str, out: Path | str, format: str | Mapping[str, Any] = "safetensors"
+) -> Path:
     """Write the weights of a checkpoint as a weights-only folder (``treadle export``).
 
     The folder holds the model files of ``format`` (for "safetensors": ``model.safetensors``
-    or shards with an index, the Hugging Face layout), a ``state.json`` naming the format and
-    the step, and a ``manifest.json``; it is written under a temporary name and renamed, like
-    a checkpoint. ``treadle.load_weights`` reads it.
+    or shards with an index, the Hugging Face layout; other formats may add files, through
+    ``CheckpointFormat.export_model``), a ``state.json`` naming the format and the step, and
+    a ``manifest.json``; it is written under a temporary name and renamed, like a
+    checkpoint. ``treadle.load_weights`` reads it.
 
     Args:
         source: a checkpoint directory, a directory of checkpoints or a run's output directory.
         out: the folder to create; it must not exist yet (an empty directory is replaced).
-        format: the checkpoint format to write, by its ``treadle.checkpoint`` entry-point name.
+        format: the checkpoint format to write: its ``treadle.checkpoint`` entry-point name,
+            or ``{"name": ..., **options}`` with options for its constructor.
 
     Returns:
         ``out``.
@@ -856,19 +861,22 @@ def export(source: Path | str, out: Path | str, format: str = "safetensors") -> 
     tmp = out.with_name(f".{out.name}.tmp")
     _remove_tree(tmp)
     tmp.mkdir()
-    # An empty module: tied tensors are recognised by shared storage, not by declared names.
-    writer.save_model(tmp, nn.Module(), tensors)
-    _write_json(
-        tmp / STATE,
-        {
-            "layout": LAYOUT_VERSION,
-            "format": writer.name,
-            "weights_only": True,
-            "step": meta.get("step"),
-            "source": str(directory.resolve()),
-        },
-    )
-    _write_manifest(tmp)
+    try:
+        writer.export_model(directory, tmp, tensors)
+        _write_json(
+            tmp / STATE,
+            {
+                "layout": LAYOUT_VERSION,
+                "format": writer.name,
+                "weights_only": True,
+                "step": meta.get("step"),
+                "source": str(directory.resolve()),
+            },
+        )
+        _write_manifest(tmp)
+    except BaseException:
+        _remove_tree(tmp)  # a failed export leaves nothing behind
+        raise
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
@@ -876,8 +884,20 @@ def export(source: Path | str, out: Path | str, format: str = "safetensors") -> 
     return out
 
 
-def _format_named(name: str) -> CheckpointFormat:
-    fmt = registry.load("checkpoint", name)()
+def _format_named(spec: str | Mapping[str, Any]) -> CheckpointFormat:
+    """A checkpoint format by entry-point name, or ``{"name": ..., **options}``."""
+    options = dict(spec) if isinstance(spec, Mapping) else {}
+    name = options.pop("name", None) if isinstance(spec, Mapping) else spec
+    if not isinstance(name, str):
+        raise ConfigError(f"a checkpoint format needs a name, got {spec!r}")
+    target = registry.load("checkpoint", name)
+    try:
+        inspect.signature(target).bind(**options)
+    except TypeError as exc:
+        raise ConfigError(
+            f"checkpoint format {name!r}: invalid options {sorted(options)}: {exc}"
+        ) from None
+    fmt = target(**options)
     if not isinstance(fmt, CheckpointFormat):
         raise TreadleError(f"checkpoint format {name!r} is not a treadle.CheckpointFormat")
     return fmt

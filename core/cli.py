@@ -189,13 +189,19 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    overrides = {}
-    for item in args.set or []:
+def _key_values(flag: str, items: Sequence[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` (values read as TOML, else as text) for ``--set`` / ``--option``."""
+    values = {}
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        overrides[key.strip()] = _parse_value(value.strip())
+            raise ConfigError(f"{flag} expects key=value, got {item!r}")
+        values[key.strip()] = _parse_value(value.strip())
+    return values
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    overrides = _key_values("--set", args.set)
     with build_run(args.file, overrides) as run:
         run.fit()
     return 0
@@ -221,7 +227,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from treadle import checkpoint
 
-    out = checkpoint.export(args.checkpoint, args.out, format=args.format)
+    options = _key_values("--option", args.option)
+    fmt = {"name": args.format, **options} if options else args.format
+    out = checkpoint.export(args.checkpoint, args.out, format=fmt)
     print(f"exported the weights of {checkpoint.resolve(args.checkpoint)} to {out}")
     return 0
 
@@ -335,14 +343,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     plugins_parser.set_defaults(handler=_cmd_plugins)
     export_parser = commands.add_parser(
-        "export", help="write a checkpoint's weights as a weights-only folder (safetensors)"
+        "export", help="write a checkpoint's weights as a weights-only folder (any format)"
     )
     export_parser.add_argument(
         "checkpoint", help="a checkpoint directory, a checkpoints/ directory or a run's output"
     )
     export_parser.add_argument("out", help="the folder to create")
     export_parser.add_argument(
-        "--format", default="safetensors", help="checkpoint format to write (default: safetensors)"
+        "--format",
+        default="safetensors",
+        help="checkpoint format to write, any installed name (default: safetensors)",
+    )
+    export_parser.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the format, e.g. --format hf --option config=path/to/model (repeatable)",
     )
     export_parser.set_defaults(handler=_cmd_export)
     commands.add_parser(

@@ -316,6 +316,19 @@ class CheckpointFormat:
     def load_model(self, directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
         return self.load_tensors(directory, "model")
 
+    def export_model(
+        self, source: Path, directory: Path, state: Mapping[str, torch.Tensor]
+    ) -> list[str]:
+        """Write the weights ``state`` of the checkpoint at ``source`` into ``directory``, a
+        weights-only folder (``treadle export``); return the file names written.
+
+        There is no model here, only its tensors: the default writes them as ``save_model``
+        does for an empty module (tied tensors are recognised by shared storage). A format
+        whose files need more than tensors (a model's configuration) reads it from
+        ``source`` or from its own options.
+        """
+        return self.save_model(directory, nn.Module(), state)
+
 
 class Logger:
     """A metrics sink. Subclasses implement ``start``, ``log`` and ``finish``.

@@ -17,6 +17,7 @@ __all__ = [
     "TreadleError",
     "TreadleWarning",
     "UnknownNameError",
+    "require",
 ]
 
 
@@ -75,12 +76,13 @@ class PluginLoadError(TreadleError, ImportError):
 class MissingDependencyError(TreadleError, ImportError):
     """A plugin needs an optional library that is not installed."""
 
-    def __init__(self, what: str, module: str, extra: str) -> None:
+    def __init__(self, what: str, module: str, extra: str, distribution: str = "treadle") -> None:
         self.module = module
         self.extra = extra
+        self.distribution = distribution
         super().__init__(
             f"{what} needs the optional library {module!r}, which is not installed. "
-            f'Install it with: pip install "treadle[{extra}]" -c constraints.txt'
+            f'Install it with: pip install "{distribution}[{extra}]" -c constraints.txt'
         )
 
 
@@ -111,11 +113,12 @@ class Preempted(SystemExit):
         self.checkpoint = checkpoint
 
 
-def require(module: str, *, extra: str, what: str) -> object:
-    """Import an optional dependency, or fail with the exact install command."""
+def require(module: str, *, extra: str, what: str, distribution: str = "treadle") -> object:
+    """Import an optional dependency, or fail with the exact install command
+    (``pip install "DISTRIBUTION[EXTRA]"``: a plugin package names its own distribution)."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingDependencyError(what, module, extra) from exc
+        raise MissingDependencyError(what, module, extra, distribution) from exc

@@ -48,7 +48,7 @@ below, both ways)::
                 if eval due: run.evaluate()          # see below
                 if save due: run.save()              # see below
         (at epoch end)                               # <on_epoch_end>
-        (eval / save due at epoch end, as above)
+        (eval due at epoch end; then requests made at epoch end: log, eval, stop, save)
                                                      # <on_fit_end>
         on any exception escaping the loop           # <on_exception>
 
@@ -77,8 +77,9 @@ below, both ways)::
                                                      # <on_predict_end>
 
 A request made by a plugin (``run.request_stop``, ``request_save``, ``request_eval``,
-``request_log``) is acted on at the next step boundary, after ``on_step_end``; requests are
-cleared once acted on. SIGTERM or SIGINT during ``fit`` is a save-and-stop request agreed by
+``request_log``, ``request_epoch_end``) is acted on at the next step boundary, after
+``on_step_end``, or, when made in ``on_epoch_end`` or the epoch's evaluation, before the next
+epoch begins; requests are cleared once acted on. SIGTERM or SIGINT during ``fit`` is a save-and-stop request agreed by
 every rank: after the save, ``fit`` raises ``treadle.Preempted`` (exit code 128 + signal).
 """
 

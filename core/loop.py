@@ -34,7 +34,8 @@ __all__ = ["evaluate", "fit", "predict"]
 # PREEMPT: a rank received SIGTERM/SIGINT; every rank then saves, stops and exits alike.
 # FINAL: the stop is part of the run's state (``request_stop(final=True)``): the checkpoint of
 # that step records it, and resuming from it trains no further.
-STOP, SAVE, EVAL, LOG, PREEMPT, FINAL = 1, 2, 4, 8, 16, 32
+# END_EPOCH: the rest of the current epoch is skipped (``run.request_epoch_end()``).
+STOP, SAVE, EVAL, LOG, PREEMPT, FINAL, END_EPOCH = 1, 2, 4, 8, 16, 32, 64
 
 
 def fit(run: Run) -> State:
@@ -94,19 +95,21 @@ def _epochs(
             if (hook := run._listeners.get("on_step_end")) is not None:  # run.emit, inlined
                 hook(run=run, loss=loss)
             _step_boundary(run, meter)
-            if run.is_stopping():
+            if run.is_stopping() or state.epoch != epoch:  # stopped, or the epoch ended early
                 break
-        if state.epoch == epoch and state.batch_in_epoch == 0:
-            # An epoch from its start gave nothing: with max_steps the loop would spin forever.
-            raise _no_batch_error(run, loader, epoch)
-        exhausted = not run.is_stopping() or (
-            batches_per_epoch is not None and state.batch_in_epoch >= batches_per_epoch
-        )
-        if exhausted:
-            state.epoch, state.batch_in_epoch = epoch + 1, 0
+        if state.epoch == epoch:
+            if state.batch_in_epoch == 0:
+                # An epoch from its start gave nothing: with max_steps the loop would spin forever.
+                raise _no_batch_error(run, loader, epoch)
+            exhausted = not run.is_stopping() or (
+                batches_per_epoch is not None and state.batch_in_epoch >= batches_per_epoch
+            )
+            if exhausted:
+                state.epoch, state.batch_in_epoch = epoch + 1, 0
         run.emit("on_epoch_end", run=run, epoch=epoch)
         if config.eval_every_epoch and run.eval_data is not None:
             evaluate(run)
+        _epoch_boundary(run, meter)
 
 
 def _finish(run: Run, meter: _Meter) -> None:
@@ -292,15 +295,39 @@ def _step_boundary(run: Run, meter: _Meter) -> None:
         requests |= run.strategy.agree(run._requests)
         run._requests = 0
         requested = requested or run._stop_reason
-    if requests & STOP:  # before the save: a checkpoint of this step records a final stop
-        run._stopping = True
-        state.stop_reason = run._stop_reason or "stop requested on another rank"
-        if requests & FINAL:
-            run._final_stop = requested or "stop requested on another rank"
+    _stop_or_end_epoch(run, requests, requested)  # before the save, which records them
     if (requests & SAVE or (config.save_every and state.step % config.save_every == 0)) and (
         run.checkpoint_format is not None
     ):
         checkpoint.save(run)
+
+
+def _epoch_boundary(run: Run, meter: _Meter) -> None:
+    """After ``on_epoch_end`` and the epoch's evaluation: act on what plugins asked for there
+    (HF's epoch-end control), before the next epoch starts rather than after its first step."""
+    state = run.state
+    requests = run.strategy.agree(run._requests)
+    run._requests = 0
+    if requests & LOG:
+        meter.log()
+    if requests & EVAL and run.eval_data is not None:
+        evaluate(run)
+        requests |= run.strategy.agree(run._requests)
+        run._requests = 0
+    _stop_or_end_epoch(run, requests & ~END_EPOCH, run._stop_reason)  # the epoch has ended
+    if requests & SAVE and run.checkpoint_format is not None and run._last_save_step != state.step:
+        checkpoint.save(run)
+
+
+def _stop_or_end_epoch(run: Run, requests: int, requested: str | None) -> None:
+    state = run.state
+    if requests & STOP:
+        run._stopping = True
+        state.stop_reason = run._stop_reason or "stop requested on another rank"
+        if requests & FINAL:  # part of the run's state: a checkpoint of this step records it
+            run._final_stop = requested or "stop requested on another rank"
+    elif requests & END_EPOCH:  # the rest of this epoch is skipped; a checkpoint records that
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
 
 def _limit_reached(run: Run, max_epochs: int | None) -> bool:

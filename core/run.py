@@ -23,7 +23,7 @@ from treadle import defaults, hookspecs, lock, loop, registry
 from treadle.components import CheckpointFormat, Logger, Precision, Strategy
 from treadle.config import Config
 from treadle.errors import ConfigError, PluginError, Preempted, TreadleError, TreadleWarning
-from treadle.loop import EVAL, FINAL, LOG, SAVE, STOP
+from treadle.loop import END_EPOCH, EVAL, FINAL, LOG, SAVE, STOP
 from treadle.state import LossSum, State
 
 __all__ = ["Run", "seed_everything"]
@@ -237,6 +237,11 @@ class Run:
     def request_log(self) -> None:
         """Log training metrics at the next step boundary."""
         self._requests |= LOG
+
+    def request_epoch_end(self) -> None:
+        """End the current epoch at the next step boundary: the rest of its batches are skipped
+        and the next epoch starts from its beginning (HF's ``should_epoch_stop``)."""
+        self._requests |= END_EPOCH
 
     def log(self, metrics: Mapping[str, float]) -> None:
         """Send metrics to every ``on_log`` listener, with ``step`` and ``epoch`` added."""
