@@ -47,6 +47,7 @@ __all__ = [
     "save_merged",
 ]
 
+
 def lora_config(
     r: int = 8,
     alpha: float = 16,
