@@ -317,11 +317,28 @@ def _cmd_launch(argv: Sequence[str]) -> int:
     return 0
 
 
+_BUILTIN_COMMANDS = ("run", "launch", "plugins", "export", "plot", "demo")
+
+
+def _installed_command(name: str) -> Any:
+    """``treadle NAME ...`` for a ``treadle.command`` entry point: a callable taking the
+    arguments after NAME and returning the exit code (the kernel's CLI names no such package)."""
+
+    def command(arguments: list[str]) -> int:
+        return int(registry.load("command", name)(arguments))
+
+    return command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     # `launch` and `demo` hand their options on untouched (to torchrun's parser, to the demo's):
     # argparse's subcommands cannot take unknown options ahead of a positional.
     passthrough = {"launch": _cmd_launch, "demo": _cmd_demo}
+    name = arguments[0] if arguments else None
+    if name not in (None, *_BUILTIN_COMMANDS) and name in registry.entries("command"):
+        # a subcommand an installed package declares (``treadle.command`` entry points)
+        passthrough[name] = _installed_command(name)
     if arguments[:1] and arguments[0] in passthrough:
         try:
             return passthrough[arguments[0]](arguments[1:])
@@ -378,6 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_parser.set_defaults(handler=_cmd_plot)
     demo_parser = commands.add_parser("demo", help="train a small transformer on a generated task")
     demo_parser.add_argument("options", nargs="*", help="see `treadle demo --help`")
+    for name, declared in sorted(registry.entries("command").items()):
+        if name not in _BUILTIN_COMMANDS:  # listed in --help; run before parsing, above
+            source = ", ".join(f"{e.distribution} {e.version}" for e in declared)
+            commands.add_parser(name, add_help=False, help=f"installed by {source}")
     args = parser.parse_args(arguments)
     try:
         return int(args.handler(args))

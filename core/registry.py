@@ -17,11 +17,13 @@ from treadle.errors import PluginLoadError, TreadleError, UnknownNameError
 
 __all__ = ["KINDS", "Entry", "adapt", "entries", "installed", "load", "refresh"]
 
-#: One entry-point group per kind: ``treadle.<kind>``. Every kind but ``adapter`` is chosen by
+#: One entry-point group per kind: ``treadle.<kind>``. Components and plugins are chosen by
 #: name; every installed ``adapter`` is asked about a ``plugins=`` object that implements no
-#: treadle hook (see ``adapt``).
+#: treadle hook (see ``adapt``); a ``command`` is a subcommand of the ``treadle`` CLI
+#: (``treadle NAME ARGS...`` calls it with ``ARGS`` and exits with what it returns).
 KINDS = (
     "strategy", "precision", "optimizer", "scheduler", "logger", "checkpoint", "plugin", "adapter",
+    "command",
 )  # fmt: skip
 
 

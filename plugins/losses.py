@@ -14,8 +14,9 @@ Two functions do the arithmetic, and two small classes adapt them to ``Run(loss_
 
 ``count`` is the number of positions whose label is not ``ignore_index`` *after* the
 causal-LM shift: position ``t`` predicts token ``t + 1``, so a sequence of ``L`` labelled
-tokens scores ``L - 1`` of them. (transformers' Trainer, as measured in 5.23, counts the
-unshifted labels, which scales every gradient by ``(L - 1) / L``; treadle does not.)
+tokens scores ``L - 1`` of them. (transformers' Trainer, as measured in 5.25, counts the
+unshifted labels for causal LMs without a ``loss_type``, GPT-2 among them, which scales their
+gradients by ``(L - 1) / L``; for ``*ForCausalLM`` classes it counts as treadle does.)
 
 Half-precision logits (float16, bfloat16) are upcast to float32 for the loss; float32 and
 float64 logits are used as they are. Counts stay on the device: no host synchronisation.

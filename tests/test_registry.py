@@ -129,3 +129,20 @@ def test_treadle_plugins_command_lists_by_kind_without_importing_plugins() -> No
         and "treadle.plugins.strategies.single:SingleDevice" in out
     )
     assert "IMPORTED []" in out
+
+
+def test_an_installed_command_is_a_treadle_subcommand(
+    fake_dist: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from treadle import cli
+
+    fake_dist(
+        "acme-cli",
+        {"treadle.command": {"greet": "acme_cli:main"}},
+        modules={"acme_cli": "def main(args):\n    print('hello', *args)\n    return 3\n"},
+    )
+    assert cli.main(["greet", "--loud", "world"]) == 3  # its exit code, its arguments as given
+    assert capsys.readouterr().out == "hello --loud world\n"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "installed by acme-cli 1.0" in capsys.readouterr().out

@@ -7,8 +7,9 @@ micro-batches are padded. A ``PreTrainedModel`` returns a mean (``outputs.loss``
 batch's ``labels``:
 
 - causal LMs (GPT-2, Llama, ...): the labels are shifted, position ``t`` scores token ``t + 1``,
-  so the count is ``(labels[..., 1:] != -100).sum()``. (transformers' Trainer counts the
-  unshifted labels, which scales every gradient by ``(L - 1) / L``; treadle does not.)
+  so the count is ``(labels[..., 1:] != -100).sum()``. (transformers' 5.25 Trainer counts
+  the unshifted labels for causal LMs without a ``loss_type``, GPT-2 among them, which scales
+  their gradients by ``(L - 1) / L``; treadle does not. See docs/migrating-from-hf.md.)
 - every other model with token or class logits (seq2seq LMs, masked LMs, token and sequence
   classification): unshifted cross-entropy, count ``(labels != -100).sum()``.
 
