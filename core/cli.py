@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import importlib
 import inspect
+import json
 import sys
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
@@ -208,6 +209,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    if args.json:  # for tools: every installed name, as the registry reads it (nothing imported)
+        print(json.dumps([entry._asdict() for entry in registry.installed()], indent=1))
+        return 0
     rows = [
         (e.kind, e.name, f"{e.distribution} {e.version}", e.value) for e in registry.installed()
     ]
@@ -317,6 +321,12 @@ def _cmd_launch(argv: Sequence[str]) -> int:
     return 0
 
 
+def _version() -> str:
+    from treadle import __version__
+
+    return __version__
+
+
 _BUILTIN_COMMANDS = ("run", "launch", "plugins", "export", "plot", "demo")
 
 
@@ -348,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="treadle", description="A microkernel for training PyTorch models."
     )
+    parser.add_argument("--version", action="version", version=f"treadle {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="train the run described by a TOML file")
     run_parser.add_argument("file", help="the run file (TOML)")
@@ -357,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_parser.set_defaults(handler=_cmd_run)
     plugins_parser = commands.add_parser(
         "plugins", help="list installed plugins by kind (imports none)"
+    )
+    plugins_parser.add_argument(
+        "--json", action="store_true", help="as JSON: kind, name, value, distribution, version"
     )
     plugins_parser.set_defaults(handler=_cmd_plugins)
     export_parser = commands.add_parser(

@@ -146,3 +146,21 @@ def test_an_installed_command_is_a_treadle_subcommand(
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "installed by acme-cli 1.0" in capsys.readouterr().out
+
+
+def test_version_and_plugins_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from treadle import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"treadle {treadle.__version__}\n"
+    assert cli.main(["plugins", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    ddp = next(e for e in listed if (e["kind"], e["name"]) == ("strategy", "ddp"))
+    assert ddp == {
+        "kind": "strategy", "name": "ddp", "value": "treadle.plugins.strategies.ddp:DDPStrategy",
+        "distribution": "treadle", "version": treadle.__version__,
+    }  # fmt: skip
