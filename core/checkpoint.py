@@ -179,22 +179,17 @@ def _recover(root: Path) -> None:
         if match is None and entry.name != f".{LATEST}.tmp":
             continue
         path = Path(entry.path)
-        final = root / f"step-{match.group(1)}" if match else None
-        if (
-            final is not None
-            and match is not None
-            and match.group(2) == "old"
-            and not os.path.lexists(final)
-            and not verify(path)
-        ):
-            os.replace(path, final)
-            warnings.warn(
-                f"{final.name} was hidden as {path.name} by an interrupted save; restored it",
-                TreadleWarning,
-                stacklevel=3,
-            )
-        else:
-            _remove_tree(path)
+        if match is not None and match.group(2) == "old":
+            final = root / f"step-{match.group(1)}"
+            if not os.path.lexists(final) and not verify(path):
+                os.replace(path, final)
+                warnings.warn(
+                    f"{final.name} was hidden as {path.name} by an interrupted save; restored it",
+                    TreadleWarning,
+                    stacklevel=3,
+                )
+                continue
+        _remove_tree(path)
     _fsync_dir(root)
 
 

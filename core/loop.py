@@ -5,6 +5,7 @@ their interfaces; it names no backend. The pseudocode it follows is in ``treadle
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import os
@@ -513,7 +514,7 @@ def _unsafe_to_save(run: Run, exc: Exception) -> str | None:
         if code is checkpoint.save.__code__:
             return "the failure was in writing a checkpoint"
         if code is _plain_step.__code__ or code is _train_step.__code__:
-            lines = _UPDATE_LINES.get(code)
+            lines = _update_lines(_plain_step if code is _plain_step.__code__ else _train_step)
             if lines is None or traceback.tb_lineno in lines:
                 return "it happened in the optimizer step, so the weights may be half-updated"
             if code is _train_step.__code__ and (
@@ -528,6 +529,7 @@ def _unsafe_to_save(run: Run, exc: Exception) -> str | None:
     return None
 
 
+@functools.cache  # read from the source once, and only after a failure
 def _update_lines(function: Any) -> frozenset[int] | None:
     """The lines of ``function`` from the one marked ``[update]`` to ``[/update]``: a failure
     there may leave the weights half-updated. None if its source cannot be read."""
@@ -827,10 +829,3 @@ def predict(run: Run, data: Any) -> list[Any]:
     run.emit("on_predict_end", run=run, predictions=predictions)
     model.train(was_training)
     return predictions
-
-
-_UPDATE_LINES = {
-    step.__code__: lines
-    for step in (_plain_step, _train_step)
-    if (lines := _update_lines(step)) is not None
-}
