@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,7 +35,7 @@ from torch import nn
 
 import treadle
 from treadle import checkpoint as treadle_checkpoint
-from treadle import registry
+from treadle_hf._storage import SafetensorsBacked, check_new_folder, write_folder
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -79,27 +77,20 @@ def export_pretrained(
             model from, weights that do not fit the model, or ``out`` exists.
     """
     directory, out = treadle_checkpoint.resolve(checkpoint), Path(out)
-    _check_new_folder(out)
+    check_new_folder(out)  # before building and loading the model, not after
     model = _fresh_model(model_or_config, directory)
     treadle.load_weights(model, directory)  # verifies every checksum first
     tokenizer = _tokenizer(tokenizer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    _remove(tmp)
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)  # a reader never sees a half-written folder
-    except BaseException:
-        _remove(tmp)
-        raise
-    return out
+
+    return write_folder(out, write)
 
 
-class HFFormat(treadle.CheckpointFormat):
+class HFFormat(SafetensorsBacked):
     """Checkpoint format ``hf``: ``safetensors`` weights plus the model's ``config.json``.
 
     Every checkpoint also holds ``config.json`` (and ``generation_config.json`` where the
@@ -123,10 +114,7 @@ class HFFormat(treadle.CheckpointFormat):
         config: str | None = None,
         tokenizer: str | None = None,
     ) -> None:
-        # The public way to the kernel's safetensors writer: its entry point, like any plugin.
-        self._weights: treadle.CheckpointFormat = registry.load("checkpoint", "safetensors")(
-            max_shard_size=max_shard_size
-        )
+        super().__init__(max_shard_size)
         self.max_shard_size = max_shard_size
         self.config = config
         self.tokenizer = tokenizer
@@ -147,17 +135,6 @@ class HFFormat(treadle.CheckpointFormat):
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         return sorted(path.name for path in Path(directory).iterdir())
-
-    def save_tensors(
-        self, directory: Path, stem: str, tensors: Mapping[str, torch.Tensor]
-    ) -> list[str]:
-        return self._weights.save_tensors(directory, stem, tensors)
-
-    def load_tensors(self, directory: Path, stem: str) -> dict[str, torch.Tensor]:
-        return self._weights.load_tensors(directory, stem)
-
-    def load_model(self, directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
-        return self._weights.load_model(directory, model)
 
     def save_model(
         self, directory: Path, model: nn.Module, state: Mapping[str, torch.Tensor]
@@ -279,15 +256,3 @@ def _tokenizer(tokenizer: Any) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-
-
-def _check_new_folder(out: Path) -> None:
-    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
-        raise treadle.TreadleError(f"{out} already exists; choose a new folder for the export")
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)

@@ -21,8 +21,6 @@ Three pieces, each usable without the others:
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch
 from torch import nn
 
 import treadle
-from treadle import registry
+from treadle_hf._storage import SafetensorsBacked, remove, write_folder
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -109,7 +107,7 @@ def apply(
 def save_adapter(peft_model: PeftModel, out: Path | str) -> Path:
     """Write the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) that
     ``PeftModel.from_pretrained(base, out)`` reads."""
-    return _write_folder(Path(out), lambda tmp: peft_model.save_pretrained(tmp))
+    return write_folder(Path(out), lambda tmp: peft_model.save_pretrained(tmp))
 
 
 def save_merged(
@@ -122,7 +120,7 @@ def save_merged(
     differently), not bit for bit.
     """
     merged = copy.deepcopy(peft_model).merge_and_unload()
-    return _write_folder(
+    return write_folder(
         Path(out), lambda tmp: merged.save_pretrained(tmp, max_shard_size=max_shard_size)
     )
 
@@ -216,7 +214,7 @@ class LoRA:
         if self.export_dir is not None and run.is_main_process:
             out = Path(self.export_dir)
             if self._exported:
-                _remove(out)  # this plugin's export from an earlier fit(): replaced
+                remove(out)  # this plugin's export from an earlier fit(): replaced
             self.save_merged(out) if self.merge else self.save_adapter(out)
             self._exported = True
 
@@ -232,7 +230,7 @@ class LoRA:
         return self.peft_model
 
 
-class AdapterFormat(treadle.CheckpointFormat):
+class AdapterFormat(SafetensorsBacked):
     """Checkpoint format ``adapter``: the model's state without its frozen parameters.
 
     What trains (the adapter, and any parameter left trainable) and the buffers are stored in
@@ -245,19 +243,6 @@ class AdapterFormat(treadle.CheckpointFormat):
     """
 
     name: ClassVar[str] = "adapter"
-
-    def __init__(self, max_shard_size: int | str = "5GB") -> None:
-        self._weights: treadle.CheckpointFormat = registry.load("checkpoint", "safetensors")(
-            max_shard_size=max_shard_size
-        )
-
-    def save_tensors(
-        self, directory: Path, stem: str, tensors: Mapping[str, torch.Tensor]
-    ) -> list[str]:
-        return self._weights.save_tensors(directory, stem, tensors)
-
-    def load_tensors(self, directory: Path, stem: str) -> dict[str, torch.Tensor]:
-        return self._weights.load_tensors(directory, stem)
 
     def save_model(
         self, directory: Path, model: nn.Module, state: Mapping[str, torch.Tensor]
@@ -308,28 +293,3 @@ def _peft() -> Any:
     from treadle.errors import require
 
     return require("peft", extra="peft", what="the 'lora' plugin", distribution="treadle-hf")
-
-
-def _write_folder(out: Path, write: Any) -> Path:
-    """Write a folder under a temporary name and rename it: never seen half-written."""
-    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
-        raise treadle.TreadleError(f"{out} already exists; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    _remove(tmp)
-    try:
-        write(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        _remove(tmp)
-        raise
-    return out
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
