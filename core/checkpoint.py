@@ -20,9 +20,11 @@ import random
 import re
 import shutil
 import stat
+import threading
 import typing
 import warnings
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -39,11 +41,13 @@ from treadle.errors import CheckpointError, ConfigError, TreadleError, TreadleWa
 from treadle.state import State
 
 if TYPE_CHECKING:
+    from treadle.config import Config
     from treadle.run import Run
 
 __all__ = [
     "export",
     "find_resumable",
+    "finish_pending",
     "load",
     "load_weights",
     "resolve",
@@ -70,13 +74,19 @@ def checkpoints_dir(run: Run) -> Path:
 # ------------------------------------------------------------------ save
 
 
-def save(run: Run) -> Path:
+def save(run: Run, *, background: bool = False) -> Path:
     """Write a complete checkpoint of the run's current step; returns its directory.
 
     Every rank writes its RNG state; the main process writes everything else (the strategy
     gathers what it must first). The directory is renamed into place only once every file is
     written, fsynced and in the manifest; then ``latest`` moves, then old ones are rotated out.
+
+    With ``background`` (``Config.save_async``), the step waits only while the state is
+    copied to host memory; a thread writes, publishes and rotates, and the save is complete
+    when ``finish_pending`` returns (called by the next save and at the end of ``fit``). At
+    most one save is in flight.
     """
+    finish_pending(run)
     fmt, strategy, state = run.checkpoint_format, run.strategy, run.state
     if fmt is None:
         raise TreadleError("this run has checkpoint=None; name a checkpoint format to save")
@@ -99,26 +109,128 @@ def save(run: Run) -> Path:
     )
     if sharded:
         _save_sharded(run, fmt, tmp, model_state, optimizer_state)
+    files = None
     if run.is_main_process:
+        states = {
+            "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+            "precision": run.precision.state_dict(),
+            "plugins": plugin_state,
+        }
         if not sharded:
-            fmt.save_model(tmp, run.model, model_state)
-            if optimizer_state is not None:
-                _save_state(fmt, tmp, "optimizer", optimizer_state)
-        if run.scheduler is not None:
-            _save_state(fmt, tmp, "scheduler", run.scheduler.state_dict())
-        _save_state(fmt, tmp, "precision", run.precision.state_dict())
-        _save_state(fmt, tmp, "plugins", plugin_state)
-        _write_json(tmp / STATE, _meta(run, fmt))
+            states["optimizer"] = optimizer_state
+        # a background write needs its own copy: training goes on changing the tensors
+        files = _Files(
+            fmt,
+            tmp,
+            run.model,  # read only for the names it declares tied
+            None if sharded else _copied(model_state, background),
+            {stem: _encoded(value, background) for stem, value in states.items()},
+            _meta(run, fmt),
+        )
+    run._last_save_step = state.step
+    if background:
+        _IN_FLIGHT[run] = _InFlight(final, _start_writing(files, root, final, run.config))
+        return final
+    if files is not None:
+        files.write()
     strategy.barrier()
     if run.is_main_process:
         _write_manifest(tmp)
         _publish(root, tmp, final)
-        _rotate(run, root, final)
+        _rotate(run.config, root, final)
     strategy.barrier()
-    run.last_checkpoint = final
-    run._last_save_step = state.step
-    run.emit("on_save_end", run=run, path=final)
+    _saved(run, final)
     return final
+
+
+class _Files(NamedTuple):
+    """What the main process writes into a checkpoint's temporary directory."""
+
+    fmt: CheckpointFormat
+    directory: Path
+    model: nn.Module
+    model_state: Mapping[str, torch.Tensor] | None
+    states: dict[str, tuple[Any, dict[str, torch.Tensor]] | None]
+    meta: dict[str, Any]
+
+    def write(self) -> None:
+        if self.model_state is not None:
+            self.fmt.save_model(self.directory, self.model, self.model_state)
+        for stem, encoded in self.states.items():
+            if encoded is not None:
+                _write_state(self.fmt, self.directory, stem, *encoded)
+        _write_json(self.directory / STATE, self.meta)
+
+
+class _InFlight(NamedTuple):
+    final: Path
+    thread: _Writer
+
+
+class _Writer(threading.Thread):
+    """The background half of a save: write, fsync, publish, rotate; keeps its error."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        # not a daemon: an interpreter that exits while a save is in flight finishes it first
+        super().__init__(name="treadle-checkpoint-writer")
+        self.work = work
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.work()
+        except BaseException as exc:  # reported on the training thread by finish_pending
+            self.error = exc
+
+
+_IN_FLIGHT: weakref.WeakKeyDictionary[Run, _InFlight] = weakref.WeakKeyDictionary()
+
+
+def _start_writing(files: _Files | None, root: Path, final: Path, config: Any) -> _Writer:
+    def work() -> None:
+        if files is None:
+            return  # not the main process: its RNG file is written already
+        files.write()
+        _write_manifest(files.directory)
+        _publish(root, files.directory, final)
+        _rotate(config, root, final)
+
+    writer = _Writer(work)
+    writer.start()
+    return writer
+
+
+def finish_pending(run: Run) -> Path | None:
+    """Wait for the run's background save, if one is in flight; returns its directory.
+
+    Every rank calls it at the same points (before a save, at the end of ``fit``), so a
+    failure on the writing rank raises on all of them.
+    """
+    pending = _IN_FLIGHT.pop(run, None)
+    if pending is None:
+        return None
+    pending.thread.join()
+    error = pending.thread.error
+    if run.strategy.agree(int(error is not None)):
+        tmp = pending.final.with_name(f".{pending.final.name}.tmp")
+        raise CheckpointError(
+            f"the background save of {pending.final.name} failed"
+            + (" on another rank" if error is None else f": {type(error).__name__}: {error}")
+            + f"; the previous checkpoint is whole, and {tmp.name} is removed at the next save"
+        ) from error
+    _saved(run, pending.final)
+    return pending.final
+
+
+def _saved(run: Run, final: Path) -> None:
+    run.last_checkpoint = final
+    run.emit("on_save_end", run=run, path=final)
+
+
+def _copied(state: Mapping[str, torch.Tensor], copy: bool) -> Mapping[str, torch.Tensor]:
+    if not copy:
+        return state
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
@@ -253,14 +365,13 @@ def _meta(run: Run, fmt: CheckpointFormat) -> dict[str, Any]:
     }
 
 
-def _rotate(run: Run, root: Path, newest: Path) -> None:
+def _rotate(config: Config, root: Path, newest: Path) -> None:
     """Delete checkpoints beyond the ``keep_last`` newest, sparing the ``keep_best`` best.
 
     Runs only after ``newest`` is complete and ``latest`` names it. Checkpoints with a higher
     step than ``newest`` (left by another line of this run, e.g. after resuming from an older
     path) are neither counted nor deleted: they are not this line's to judge.
     """
-    config = run.config
     if config.keep_last is None:
         return
     line = sorted((p for p in _step_dirs(root) if _step_of(p) <= _step_of(newest)), key=_step_of)
@@ -901,25 +1012,29 @@ def _format_named(spec: str | Mapping[str, Any]) -> CheckpointFormat:
 # ------------------------------------------------------------------ state as JSON + tensors
 
 
-def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor], *, cpu: bool = True) -> Any:
-    """JSON-able structure; tensors go to ``tensors`` (on CPU if ``cpu``) and are referenced by key."""
+def _encode(
+    obj: Any, key: str, tensors: dict[str, torch.Tensor], *, cpu: bool = True, copy: bool = False
+) -> Any:
+    """JSON-able structure; tensors go to ``tensors`` (on CPU if ``cpu``; copies if ``copy``)
+    and are referenced by key."""
     if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().cpu().contiguous() if cpu else obj.detach()
+        if copy:
+            tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
+        else:
+            tensors[key] = obj.detach().cpu().contiguous() if cpu else obj.detach()
         return {"__tensor__": key}
+
+    def inner(value: Any, at: str) -> Any:
+        return _encode(value, at, tensors, cpu=cpu, copy=copy)
+
     if isinstance(obj, Mapping):
         if all(isinstance(k, str) for k in obj):
-            return {
-                k: _encode(v, f"{key}.{k}" if key else k, tensors, cpu=cpu) for k, v in obj.items()
-            }
-        return {
-            "__items__": [[k, _encode(v, f"{key}.{k}", tensors, cpu=cpu)] for k, v in obj.items()]
-        }
+            return {k: inner(v, f"{key}.{k}" if key else k) for k, v in obj.items()}
+        return {"__items__": [[k, inner(v, f"{key}.{k}")] for k, v in obj.items()]}
     if isinstance(obj, tuple):
-        return {
-            "__tuple__": [_encode(v, f"{key}.{i}", tensors, cpu=cpu) for i, v in enumerate(obj)]
-        }
+        return {"__tuple__": [inner(v, f"{key}.{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [_encode(v, f"{key}.{i}", tensors, cpu=cpu) for i, v in enumerate(obj)]
+        return [inner(v, f"{key}.{i}") for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, str | int | float | bool):
         return obj
     raise TreadleError(
@@ -928,10 +1043,23 @@ def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor], *, cpu: bool =
     )
 
 
-def _save_state(fmt: CheckpointFormat, directory: Path, stem: str, obj: Any) -> None:
-    """``{stem}.json``, with any tensors in it written by the format under the same stem."""
+def _encoded(obj: Any, copy: bool = False) -> tuple[Any, dict[str, torch.Tensor]] | None:
+    """``obj`` as JSON-able structure plus its tensors (owned copies with ``copy``); None: None."""
+    if obj is None:
+        return None
     tensors: dict[str, torch.Tensor] = {}
-    encoded = _encode(obj, "", tensors)
+    encoded = _encode(obj, "", tensors, copy=copy)
+    return encoded, tensors
+
+
+def _write_state(
+    fmt: CheckpointFormat,
+    directory: Path,
+    stem: str,
+    encoded: Any,
+    tensors: dict[str, torch.Tensor],
+) -> None:
+    """``{stem}.json``, with any tensors in it written by the format under the same stem."""
     if tensors:
         fmt.save_tensors(directory, stem, tensors)
     _write_json(directory / f"{stem}.json", {"tensors": bool(tensors), "value": encoded})

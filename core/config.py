@@ -111,6 +111,10 @@ class Config:
     save_every: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
     #: save a checkpoint when ``fit()`` ends (unless the last step was just saved).
     save_at_end: bool = attrs.field(default=True, validator=_of_type(bool, "True or False"))
+    #: write checkpoints in a background thread: a step waits only while the state is copied
+    #: to host memory (at most one save in flight; ``fit`` returns with every save complete;
+    #: the final save, and saves on stop or preemption, are written before going on).
+    save_async: bool = attrs.field(default=False, validator=_of_type(bool, "True or False"))
     #: keep only the newest N checkpoints (None: keep all).
     keep_last: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
     #: also keep the best K checkpoints by ``monitor`` (never deleted by ``keep_last``).

@@ -271,14 +271,17 @@ def on_predict_end(run: Run, predictions: list[Any]) -> None:
 @hookspec
 def on_save_checkpoint(run: Run, plugin_state: MutableMapping[str, Any]) -> None:
     """A checkpoint is being written. Add your own state as JSON-serialisable data under a key
-    of your own (your plugin's name): ``plugin_state["early-stopping"] = {...}``.
+    of your own (your plugin's name): ``plugin_state["early-stopping"] = {...}``. Tensors are
+    allowed (stored by the checkpoint format); with ``Config.save_async`` they are copied
+    before this step goes on, so keep updating yours in place as usual.
     """
 
 
 @hookspec
 def on_save_end(run: Run, path: Path) -> None:
     """A checkpoint is complete at ``path`` (renamed into place; ``latest`` updated).
-    (HF: ``on_save``.)
+    With ``Config.save_async`` it fires when the background write is seen complete: at the
+    next save or at the end of ``fit``. (HF: ``on_save``.)
     """
 
 

@@ -70,6 +70,10 @@ def fit(run: Run) -> State:
         _epochs(run, model, optimizer, loader, meter, max_epochs, batches_per_epoch)
         _finish(run, meter)
     except Exception as exc:  # not KeyboardInterrupt, SystemExit, Preempted: not failures
+        try:
+            checkpoint.finish_pending(run)  # a save in flight completes whatever happened
+        except Exception as failure:
+            exc.add_note(f"treadle: {failure}")
         _save_after_failure(run, exc, first_step)
         raise
     return state
@@ -130,6 +134,7 @@ def _finish(run: Run, meter: _Meter) -> None:
         and run._last_save_step != state.step
     ):
         checkpoint.save(run)
+    checkpoint.finish_pending(run)  # fit returns with every save complete
     run.emit("on_fit_end", run=run)
 
 
@@ -300,7 +305,7 @@ def _step_boundary(run: Run, meter: _Meter) -> None:
     if (requests & SAVE or (config.save_every and state.step % config.save_every == 0)) and (
         run.checkpoint_format is not None
     ):
-        checkpoint.save(run)
+        checkpoint.save(run, background=config.save_async and not run._stopping)
 
 
 def _epoch_boundary(run: Run, meter: _Meter) -> None:
@@ -317,7 +322,7 @@ def _epoch_boundary(run: Run, meter: _Meter) -> None:
         run._requests = 0
     _stop_or_end_epoch(run, requests & ~END_EPOCH, run._stop_reason)  # the epoch has ended
     if requests & SAVE and run.checkpoint_format is not None and run._last_save_step != state.step:
-        checkpoint.save(run)
+        checkpoint.save(run, background=run.config.save_async and not run._stopping)
 
 
 def _stop_or_end_epoch(run: Run, requests: int, requested: str | None) -> None:
@@ -511,7 +516,7 @@ def _unsafe_to_save(run: Run, exc: Exception) -> str | None:
     while traceback is not None:
         frame = traceback.tb_frame
         code = frame.f_code
-        if code is checkpoint.save.__code__:
+        if code in (checkpoint.save.__code__, checkpoint.finish_pending.__code__):
             return "the failure was in writing a checkpoint"
         if code is _plain_step.__code__ or code is _train_step.__code__:
             lines = _update_lines(_plain_step if code is _plain_step.__code__ else _train_step)

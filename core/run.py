@@ -120,6 +120,7 @@ class Run:
         )
         if self.config.resume is not None and self.checkpoint_format is None:
             raise ConfigError("Config.resume is set but checkpoint=None: name a checkpoint format")
+        self._check_async_save()
 
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
@@ -348,6 +349,9 @@ class Run:
         """Release the strategy's processes and engines; the run cannot train afterwards."""
         # A wrapper (DDP, an engine) must be freed before the strategy destroys the process
         # group it uses, or its destructor may abort the process at exit.
+        from treadle import checkpoint
+
+        checkpoint.finish_pending(self)  # a save interrupted by KeyboardInterrupt
         if self._wrapped is not self.model:
             self._wrapped = None
         self.strategy.teardown()
@@ -549,6 +553,23 @@ class Run:
         if config.keep_best and config.monitor is not None:
             self.check_monitor(config.monitor, "Config.monitor (keep_best)")
         self._check_loader_options()
+
+    def _check_async_save(self) -> None:
+        fmt = self.checkpoint_format
+        if not self.config.save_async:
+            return
+        if fmt is None:
+            raise ConfigError(
+                "Config.save_async = True is not allowed with checkpoint=None: nothing is saved. "
+                "Name a checkpoint format, or unset save_async."
+            )
+        if fmt.sharded:
+            raise ConfigError(
+                f"Config.save_async = True is not allowed with checkpoint={fmt.name!r}: that "
+                "format writes shards from every rank together, which a background thread "
+                "cannot do. Use a format the main process writes alone (sharded = False), or "
+                "unset save_async."
+            )
 
     def _check_loader_options(self) -> None:
         from torch.utils.data import DataLoader

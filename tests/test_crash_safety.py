@@ -6,7 +6,8 @@ kills its run once or twice, either after a random delay or just before a random
 file-system operations (fsync, rename, unlink, mkdir, ... — that is, inside saves), then lets
 it finish. After every kill, every checkpoint on disk must verify and ``resume="auto"`` must
 start from the newest of them; the finished run must have exactly the weights and the losses
-of a run that was never killed.
+of a run that was never killed. All of it twice: with synchronous saves and with background
+ones (``Config.save_async``), whose writer thread is killed with the process.
 
 Seeds are printed with every failure; ``TREADLE_CRASH_SEED`` and ``TREADLE_CRASH_TRIALS``
 replay or extend the search.
@@ -37,7 +38,8 @@ SEED = int(os.environ.get("TREADLE_CRASH_SEED", "20240611"))
 class Server:
     """The fork server, with a timeout on every answer and no process left behind."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str) -> None:
+        self.mode = mode  # "sync" or "async" saves (Config.save_async)
         self.process = subprocess.Popen(
             [sys.executable, str(FIXTURES / "ckpt_victim.py"), "serve"],
             stdin=subprocess.PIPE,
@@ -63,7 +65,7 @@ class Server:
     def run(self, out: Path, *, kill_at: int = 0, delay: float = 0.0) -> tuple[int, float]:
         """One child run; returns its exit code (-9: killed) and how long it took."""
         assert self.process.stdin is not None
-        self.process.stdin.write(f"run {out} {kill_at} {delay:.6f} {STEPS}\n")
+        self.process.stdin.write(f"run {out} {kill_at} {delay:.6f} {STEPS} {self.mode}\n")
         self.process.stdin.flush()
         assert self._readline(120).startswith("pid ")
         _, _, code, seconds = self._readline(120).split()
@@ -104,8 +106,9 @@ def losses(out: Path) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_instants_never_loses_the_run(tmp_path: Path) -> None:
-    server = Server()
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_at_random_instants_never_loses_the_run(tmp_path: Path, mode: str) -> None:
+    server = Server(mode)
     try:
         reference = tmp_path / "reference"
         code, seconds = server.run(reference)
