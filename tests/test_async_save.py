@@ -183,3 +183,28 @@ def test_save_async_refuses_what_it_cannot_do(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         build(tmp_path, save_async=True, checkpoint=checkpoint)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_async_saves_on_two_processes(tmp_path: Path) -> None:
+    import dist_workers
+
+    from treadle import testing
+
+    results = testing.run_distributed(dist_workers.async_saves, str(tmp_path), world_size=2)
+    root = tmp_path / "whole" / "checkpoints"
+    for seen in results:
+        assert seen["whole"] == str(root / "step-000005")
+        # the main process's failed write raises on both ranks, at the next save
+        assert seen["failing"].startswith("CheckpointError: the background save of step-000004")
+    assert "No space left on device" in results[0]["failing"]
+    assert "on another rank" in results[1]["failing"]
+    for step in ("step-000002", "step-000004", "step-000005"):
+        assert verify(root / step) == []
+        assert {p.name for p in (root / step).glob("rng-rank*.json")} == {
+            "rng-rank00000.json",
+            "rng-rank00001.json",
+        }
+    failing = tmp_path / "failing" / "checkpoints"
+    assert (failing / "latest").read_text() == "step-000002\n"
