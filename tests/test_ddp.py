@@ -62,6 +62,7 @@ def test_strategy_makes_and_destroys_its_own_group(tmp_path: Path) -> None:
     )
     assert [r["backend"] for r in results] == ["gloo", "gloo"]
     assert [r["initialized_after_close"] for r in results] == [False, False]
+    assert [r["future_warnings"] for r in results] == [[], []]  # e.g. torch's broadcast_buffers
     assert results[0]["weights"]
 
 

@@ -9,6 +9,7 @@ accumulation window (``no_sync``). gloo on CPU, NCCL on CUDA. Launch with
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 from torch import nn
@@ -32,7 +33,9 @@ class DDPStrategy(TorchDistributed):
             one copy of the gradients in memory).
         bucket_cap_mb: size of a gradient bucket in MiB (torch's default when None: 25).
         broadcast_buffers: copy rank 0's buffers (batch-norm statistics) to every rank at
-            each forward.
+            each forward (HF: ``ddp_broadcast_buffers``). Passed to torch as
+            ``forward_sync_buffers`` where torch has it (2.13 deprecated the old name); buffers
+            are synchronised once when the model is wrapped either way.
         backend: the process-group backend ("auto": NCCL for CUDA, gloo for CPU).
         timeout: seconds a collective may wait before the group reports an error (and a
             rank may make no progress before its watchdog ends it); None:
@@ -90,7 +93,10 @@ class DDPStrategy(TorchDistributed):
 
         module = self.precision.convert_module(model).to(self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self._ddp = DistributedDataParallel(module, device_ids=device_ids, **self.ddp_options)
+        options = dict(self.ddp_options)
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+            options["forward_sync_buffers"] = options.pop("broadcast_buffers")
+        self._ddp = DistributedDataParallel(module, device_ids=device_ids, **options)
         return self._ddp
 
     def unwrap_model(self, model: nn.Module) -> nn.Module:
