@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import inspect
 import json
 import sys
+import textwrap
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from treadle import defaults, registry
 from treadle.components import Strategy
@@ -20,7 +24,7 @@ from treadle.config import Config
 from treadle.errors import ConfigError, TreadleError
 from treadle.run import Run, _component, seed_everything
 
-__all__ = ["build_run", "main"]
+__all__ = ["apply_overrides", "build_run", "main"]
 
 _RUN_KEYS = {
     "model", "train_data", "eval_data", "loss_fn", "config", "strategy", "precision",
@@ -129,12 +133,15 @@ def _naming(path: Path, key: str | None) -> Iterator[None]:
 
 
 def build_run(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Run:
-    """Compose the ``Run`` a TOML run file describes (``overrides`` replace config fields)."""
+    """Compose the ``Run`` a TOML run file describes, with ``overrides`` applied
+    (``apply_overrides``: ``{"max_steps": 5, "optimizer.lr": 1e-3}``)."""
     path = Path(path)
     try:
         spec = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read run file {path}: {exc}") from exc
+    with _naming(path, "--set"):
+        spec = apply_overrides(spec, overrides or {})
     unknown = set(spec) - _RUN_KEYS
     if unknown:
         raise ConfigError(
@@ -152,7 +159,7 @@ def build_run(path: str | Path, overrides: Mapping[str, Any] | None = None) -> R
             f"max_steps = 100), got {type(table).__name__} {table!r}"
         )
     with _naming(path, "[config]" + (" with --set" if overrides else "")):
-        config = Config.from_dict({**table, **(overrides or {})})
+        config = Config.from_dict(table)
     for directory in (str(path.resolve().parent), str(Path.cwd())):
         if directory not in sys.path:
             sys.path.insert(0, directory)
@@ -181,6 +188,102 @@ def build_run(path: str | Path, overrides: Mapping[str, Any] | None = None) -> R
             kwargs["plugins"] = [_plugin_spec(p) for p in defaults.sequence_of(spec["plugins"])]
     with _naming(path, None):  # the message names the component (logger 'x', ...)
         return Run(model, **kwargs)
+
+
+_COMPONENT_TABLES = ("strategy", "precision", "optimizer", "scheduler", "checkpoint")
+_LIST_TABLES = ("loggers", "plugins")
+
+
+def apply_overrides(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A run file's contents with ``--set`` overrides applied (the file is not changed).
+
+    A key is a dotted path into the file: ``config.max_steps`` (or just ``max_steps``, any
+    ``Config`` field), ``optimizer.lr``, ``strategy.name``, ``scheduler.warmup_steps``;
+    ``plugins.early-stopping.patience`` and ``loggers.tensorboard.flush_secs`` set an option of
+    the list entry with that name (added if the file has none); ``model`` or ``train_data``
+    replace an import path. A component given by name only (``optimizer = "adamw"``) becomes
+    a table (``{name = "adamw", ...}``) when an option is set.
+    """
+    result = copy.deepcopy(dict(spec))
+    fields = set(attrs.fields_dict(Config))
+    for key, value in overrides.items():
+        path = key.split(".")
+        if path[0] not in _RUN_KEYS:
+            if len(path) == 1 and path[0] in fields:
+                path = ["config", *path]
+            else:
+                raise ConfigError(
+                    f"--set {key}: {path[0]!r} is neither a Config field nor a key of a run "
+                    f"file ({', '.join(sorted(_RUN_KEYS))}), e.g. --set max_steps=100, "
+                    "--set optimizer.lr=1e-3, --set plugins.early-stopping.patience=5"
+                )
+        head, rest = path[0], path[1:]
+        if head in _LIST_TABLES and rest:
+            if len(rest) == 1:
+                raise ConfigError(
+                    f"--set {key}: name an option of the {head} entry {rest[0]!r}, e.g. "
+                    f"--set {head}.{rest[0]}.OPTION=VALUE (or replace the list: --set {head}=[...])"
+                )
+            entries = [
+                {"name": e} if isinstance(e, str) else e
+                for e in defaults.sequence_of(result.get(head, []))
+            ]
+            entry = next(
+                (e for e in entries if isinstance(e, Mapping) and e.get("name") == rest[0]), None
+            )
+            if entry is None:
+                entry = {"name": rest[0]}
+                entries.append(entry)
+            _set_in(entry, rest[1:], value, key)
+            result[head] = entries
+        elif rest:
+            table = result.get(head, {})
+            if isinstance(table, str) and head in _COMPONENT_TABLES:
+                table = {"name": table}
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {key}: {head} is {table!r}, not a table with options")
+            _set_in(table, rest, value, key)
+            result[head] = table
+        else:
+            result[head] = value
+    return result
+
+
+def _set_in(table: dict[str, Any], path: Sequence[str], value: Any, key: str) -> None:
+    for part in path[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {key}: {part!r} is {table!r}, not a table")
+    table[path[-1]] = value
+
+
+def _run_file_help() -> str:
+    fields = textwrap.fill(", ".join(attrs.fields_dict(Config)), 88, initial_indent="    ",
+                           subsequent_indent="    ")  # fmt: skip
+    return f"""Train the run a TOML file describes (the same run as treadle.Run(...) in Python).
+
+The run file:
+  model = "pkg.module:factory"       required: an import path to a callable (or a table
+  train_data = "pkg.module:factory"  {{factory = "...", option = ...}}); required too
+  eval_data = "pkg.module:factory"   optional, as are loss_fn = "pkg.module:function" and
+                                     every table below
+  [config]                           fields of treadle.Config:
+{fields}
+  [strategy] [precision] [optimizer] [scheduler] [checkpoint]
+                                     name = "..." and the component's options, or just a
+                                     name: optimizer = "adamw"
+  [[loggers]] [[plugins]]            name = "..." and options, per entry; a plugin may be
+                                     import = "pkg.module:Class" with options
+`treadle plugins` lists the installed names; docs/reference/ documents every option.
+
+--set KEY=VALUE overrides the file (VALUE is read as TOML, else as text):
+  --set max_steps=100                a Config field (or --set config.max_steps=100)
+  --set optimizer.lr=1e-3            an option of a component table
+  --set strategy.name=ddp            another component
+  --set plugins.early-stopping.patience=5
+                                     an option of the list entry with that name (added if
+                                     the file has none)
+  --set model=pkg.other:factory      a top-level key"""
 
 
 def _parse_value(text: str) -> Any:
@@ -251,6 +354,22 @@ def _cmd_demo(arguments: list[str]) -> int:
     return int(demo.main(arguments))
 
 
+_LAUNCH_HELP = """Train RUN.toml on several processes: torchrun starts `python -m treadle run RUN.toml`
+on each (gloo or NCCL, chosen by the run's strategy).
+
+treadle's own options:
+  --launcher NAME    first, if given: a strategy's own launcher instead of torchrun
+                     (e.g. --launcher deepspeed [deepspeed's options] RUN.toml)
+  RUN.toml           the run file, where torchrun expects the training script
+  after RUN.toml     options of `treadle run`, e.g. --set max_steps=100 --set
+                     optimizer.lr=1e-3 (see `treadle run --help`)
+
+Example:
+  treadle launch --nproc-per-node 2 run.toml --set strategy.name=ddp
+
+torchrun's options follow."""
+
+
 def launch_argv(argv: Sequence[str]) -> list[str]:
     """torchrun's argv for ``treadle launch [torchrun options] RUN.toml [run options]``.
 
@@ -261,11 +380,12 @@ def launch_argv(argv: Sequence[str]) -> list[str]:
 
     parser = torchrun.get_args_parser()
     parser.prog = "treadle launch"
-    parser.usage = "treadle launch [torchrun options] RUN.toml [treadle run options]"
-    parser.epilog = (
-        "RUN.toml stands where torchrun expects the training script; what follows it goes "
-        "to `treadle run` (e.g. --set max_steps=100)."
+    parser.usage = (
+        "treadle launch [--launcher NAME] [torchrun options] RUN.toml [treadle run options]"
     )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = _LAUNCH_HELP
+    parser.epilog = "(the options above are torchrun's, passed to it unchanged)"
     args = parser.parse_args(list(argv))
     if args.module or args.no_python:
         raise ConfigError(
@@ -360,10 +480,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"treadle {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="train the run described by a TOML file")
+    run_parser = commands.add_parser(
+        "run",
+        help="train the run described by a TOML file",
+        description=_run_file_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run_parser.add_argument("file", help="the run file (TOML)")
     run_parser.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a config field"
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any value of the run file (repeatable; see above)",
     )
     run_parser.set_defaults(handler=_cmd_run)
     plugins_parser = commands.add_parser(
