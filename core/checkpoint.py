@@ -687,6 +687,7 @@ def load(run: Run, path: Path) -> None:
     # early stop): then the run stays stopped (loop.fit returns at once) until run.clear_stop().
     run._resumed_stop = run.state.stop_reason = meta.get("stopped")
     _set_rng_state(rng, run.device)
+    run.resumed_from = path
     run.emit("on_load_checkpoint", run=run, plugin_state=plugin_state)
     run.last_checkpoint = path
     run._last_save_step = run.state.step

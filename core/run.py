@@ -126,6 +126,8 @@ class Run:
         self.scheduler: Any = None
         self.total_steps: int | None = None
         self.last_checkpoint: Path | None = None
+        #: the checkpoint this run's state was loaded from (``Config.resume``), else None
+        self.resumed_from: Path | None = None
         self._wrapped: nn.Module | None = None
         self._requests = 0
         self._stop_reason: str | None = None

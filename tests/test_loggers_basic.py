@@ -37,6 +37,8 @@ def fake_run(
         hparams=lambda: {"max_steps": total_steps, "lr": 1e-3, "optimizer": "adamw"},
         eval_length=lambda name: 3,
         request_stop=lambda reason: None,
+        model=torch.nn.Linear(3, 2),
+        resumed_from=None,
     )
 
 
@@ -194,12 +196,29 @@ def test_console_plain_lines_when_not_a_tty(tmp_path: Path) -> None:
     logger.on_log(run=run, metrics={"step": 4, "epoch": 0, "eval/loss": 0.25})
     logger.on_fit_end(run=run)
     lines = out.getvalue().splitlines()
-    assert lines[0] == "[step 2/10, epoch 0] loss=0.1235 lr=1.000e-03 samples_per_s=512.0"
-    assert lines[1] == "[step 4/10, epoch 0] eval/loss=0.25"
-    assert lines[2].startswith("treadle: 4 steps in ")
-    assert lines[2].endswith("(at step 4), final loss 0.1235")
+    assert lines[0] == "treadle: training Linear with 8 parameters (8 trainable)"
+    assert lines[1] == "[step 2/10, epoch 0] loss=0.1235 lr=1.000e-03 samples_per_s=512.0"
+    assert lines[2] == "[step 4/10, epoch 0] eval/loss=0.25"
+    assert lines[3].startswith("treadle: 4 steps in ")
+    assert lines[3].endswith("(at step 4), final loss 0.1235")
     assert "\r" not in out.getvalue()  # no bar redraws in a CI log
-    assert len(lines) == 3
+    assert len(lines) == 4
+
+
+def test_console_names_the_checkpoint_a_run_resumed_from_once(tmp_path: Path) -> None:
+    out = io.StringIO()
+    run = fake_run(tmp_path, step=6)
+    run.model.bias.requires_grad_(False)
+    run.resumed_from = tmp_path / "checkpoints" / "step-000006"
+    logger = ConsoleLogger(file=out)
+    logger.on_fit_begin(run=run)
+    logger.on_fit_begin(run=run)  # a second fit() of the same run goes on from where it is
+    lines = out.getvalue().splitlines()
+    assert lines[0] == (
+        f"treadle: training Linear with 8 parameters (6 trainable); resumed from step 6 of "
+        f"{tmp_path / 'checkpoints' / 'step-000006'}"
+    )
+    assert lines[1] == "treadle: training Linear with 8 parameters (6 trainable)"
 
 
 def test_console_uses_stderr_by_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

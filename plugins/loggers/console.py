@@ -34,6 +34,8 @@ from treadle.hookspecs import hookimpl
 from treadle.loop import discard_output
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from treadle.run import Run
 
 __all__ = ["ConsoleLogger", "format_metrics"]
@@ -150,6 +152,7 @@ class ConsoleLogger(Logger):
         self._fit_start_time = time.perf_counter()
         self._last_loss: float | None = None
         self._failure: BaseException | None = None
+        self._reported_resume: Path | None = None
 
     # ------------------------------------------------------------------ Logger interface
 
@@ -214,6 +217,11 @@ class ConsoleLogger(Logger):
         # ``run.total_steps`` is the step the run ends at (a total over the run's life, as
         # schedulers see it), so the bar counts absolute steps: a resumed run shows "37/100".
         self._total = run.total_steps
+        try:
+            if not self.disable:
+                self._write(self._header(run))
+        except (OSError, ValueError) as exc:
+            self._give_up(exc)
         if self._use_bar:
             try:
                 self._open_train_bar()
@@ -332,6 +340,20 @@ class ConsoleLogger(Logger):
         if "epoch" in metrics:
             position += f", epoch {_format_value('epoch', metrics['epoch'])}"
         return f"[{position}] {format_metrics(metrics)}".rstrip()
+
+    def _header(self, run: Run) -> str:
+        """What is trained: the model's parameters, and where a resumed run continues from."""
+        parameters = list(run.model.parameters())
+        total = sum(p.numel() for p in parameters)
+        trainable = sum(p.numel() for p in parameters if p.requires_grad)
+        text = (
+            f"treadle: training {type(run.model).__name__} with {total:,} parameters "
+            f"({trainable:,} trainable)"
+        )
+        if run.resumed_from is not None and run.resumed_from != self._reported_resume:
+            self._reported_resume = run.resumed_from  # a later fit() of this run goes on
+            text += f"; resumed from step {run.state.step} of {run.resumed_from}"
+        return text
 
     def _summary(self, run: Run) -> str:
         step = run.state.step
