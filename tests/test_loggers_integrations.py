@@ -159,13 +159,20 @@ def test_tensorboard_event_files_hold_scalars_hparams_and_text(tmp_path: Path) -
     accumulator = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     accumulator.Reload()
     tags = accumulator.Tags()
-    for key in ("loss", "lr", "eval/loss", "eval/mae", "epoch"):
-        events = accumulator.Scalars(key)
+    # namespaced as HF and Lightning users expect: train/..., eval/...
+    for tag, key in [
+        ("train/loss", "loss"),
+        ("train/lr", "lr"),
+        ("eval/loss", "eval/loss"),
+        ("eval/mae", "eval/mae"),
+        ("train/epoch", "epoch"),
+    ]:
+        events = accumulator.Scalars(tag)
         expected = history.series(key)
         assert [(e.step, e.value) for e in events] == [
             (step, pytest.approx(value, rel=1e-6)) for step, value in expected
         ], key
-    assert "step" not in tags["scalars"]
+    assert not {"loss", "step", "train/step"} & set(tags["scalars"])
     assert "config/text_summary" in tags["tensors"]
     text = accumulator.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| max_steps | 6 |" in text

@@ -1,7 +1,9 @@
 """``tensorboard``: scalars, hyperparameters and text in TensorBoard event files.
 
-Every logged metric becomes a scalar series (tag = metric name, x = ``step``; ``epoch`` is a
-series too). At start the run's configuration is written twice: as hyperparameters (the
+Every logged metric becomes a scalar series (x = ``step``). Tags are namespaced as users of
+the HF ``Trainer`` and Lightning expect: a name that has no namespace of its own gets
+``train/`` (``train/loss``, ``train/lr``, ``train/epoch``), while ``eval/loss`` or
+``throughput/mfu`` keep theirs; ``train_prefix=""`` keeps the bare names. At start the run's configuration is written twice: as hyperparameters (the
 HParams dashboard, so runs can be compared by their settings) and as a text table (the Text
 dashboard). ``log_text(tag, text, step)`` adds your own text. Files go to
 ``<output_dir>/tensorboard`` unless ``log_dir`` says otherwise; view them with
@@ -72,6 +74,8 @@ class TensorBoardLogger(Logger):
         flush_secs: the writer flushes pending events at least this often (seconds).
         hparams: write the configuration as hyperparameters and as a text table.
         rewind_on_resume: on resume at step N, hide events written after step N.
+        train_prefix: put before metric names without a ``/`` (default ``"train/"``; ``""``
+            for none).
     """
 
     name: ClassVar[str] = "tensorboard"
@@ -82,6 +86,7 @@ class TensorBoardLogger(Logger):
         flush_secs: float = 30.0,
         hparams: bool = True,
         rewind_on_resume: bool = True,
+        train_prefix: str = "train/",
     ) -> None:
         if log_dir is not None and (
             not isinstance(log_dir, str | os.PathLike) or not os.fspath(log_dir)
@@ -105,7 +110,13 @@ class TensorBoardLogger(Logger):
                     f"tensorboard logger option {option} = {value!r} is not allowed: "
                     "expected True or False"
                 )
+        if not isinstance(train_prefix, str):
+            raise ConfigError(
+                f"tensorboard logger option train_prefix = {train_prefix!r} is not allowed: "
+                'expected a string such as "train/", or "" for none'
+            )
         _check_installed()  # a missing library fails when the run is composed, not later
+        self.train_prefix = train_prefix
         self.log_dir = log_dir
         self.flush_secs = flush_secs
         self.hparams = hparams
@@ -149,7 +160,8 @@ class TensorBoardLogger(Logger):
                 number = float(value)
             except (TypeError, ValueError):
                 continue  # not a number: nothing to plot
-            self._writer.add_scalar(key, number, global_step=step)
+            tag = key if "/" in key else self.train_prefix + key
+            self._writer.add_scalar(tag, number, global_step=step)
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         """Add ``text`` (markdown) under ``tag`` to the Text dashboard."""
