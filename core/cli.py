@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from treadle import defaults, registry
+from treadle import defaults, hookspecs, registry
 from treadle.components import Strategy
 from treadle.config import Config
 from treadle.errors import ConfigError, TreadleError
@@ -312,23 +312,77 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    if args.json:  # for tools: every installed name, as the registry reads it (nothing imported)
-        print(json.dumps([entry._asdict() for entry in registry.installed()], indent=1))
+    entries = list(registry.installed())
+    if args.json:  # for tools: every installed name, as the registry reads it
+        records = [
+            {**entry._asdict(), **(_details(entry) if args.verbose else {})} for entry in entries
+        ]
+        print(json.dumps(records, indent=1))
         return 0
-    rows = [
-        (e.kind, e.name, f"{e.distribution} {e.version}", e.value) for e in registry.installed()
-    ]
-    if not rows:
+    if not entries:
         print("no treadle plugins installed")
-        return 0
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    widths = [max((len(text) for text in column), default=0) for column in (
+        [e.name for e in entries], [f"{e.distribution} {e.version}" for e in entries])]  # fmt: skip
     kind = None
-    for row in rows:
-        if row[0] != kind:
-            kind = row[0]
+    for entry in entries:
+        if entry.kind != kind:
+            kind = entry.kind
             print(f"{kind}:")
-        print(f"  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}")
+        source = f"{entry.distribution} {entry.version}"
+        print(f"  {entry.name:<{widths[0]}}  {source:<{widths[1]}}  {entry.value}")
+        if args.verbose:
+            details = _details(entry)
+            for field in ("error", "hooks", "options"):
+                if details.get(field):
+                    shown = details[field]
+                    text = shown if isinstance(shown, str) else ", ".join(shown)
+                    print(textwrap.fill(text, 96, initial_indent=f"      {field}: ",
+                                        subsequent_indent=" " * 8))  # fmt: skip
+    for entry, why in registry.blocked():
+        print(f"hidden by {why}: {entry.kind} {entry.name} ({entry.distribution} {entry.version})")
     return 0
+
+
+def _details(entry: registry.Entry) -> dict[str, Any]:
+    """What ``--verbose`` adds (this imports the entry point): hooks implemented, options."""
+    try:
+        target = registry.load(entry.kind, entry.name)
+    except TreadleError as exc:
+        return {"error": str(exc)}
+    hooks = sorted(
+        name
+        for name in dir(hookspecs)
+        if hasattr(getattr(target, name, None), f"{hookspecs.PROJECT}_impl")
+    )
+    return {"hooks": hooks, "options": _options(entry.kind, target)}
+
+
+def _options(kind: str, target: Any) -> list[str]:
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return []
+    parameters = list(signature.parameters.values())
+    if kind in ("optimizer", "scheduler") and parameters:
+        parameters = parameters[1:]  # the model's parameters / the optimizer, not an option
+    shown = []
+    for parameter in parameters:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            shown.append(
+                ("**" if parameter.kind == parameter.VAR_KEYWORD else "*") + parameter.name
+            )
+            continue
+        text = parameter.name
+        if parameter.annotation is not parameter.empty:
+            annotation = parameter.annotation
+            shown_type = (
+                annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+            )
+            text += f": {shown_type}"
+        if parameter.default is not parameter.empty:
+            text += f" = {parameter.default!r}"
+        shown.append(text)
+    return shown
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -495,10 +549,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run_parser.set_defaults(handler=_cmd_run)
     plugins_parser = commands.add_parser(
-        "plugins", help="list installed plugins by kind (imports none)"
+        "plugins", help="list installed plugins by kind (imports none unless --verbose)"
     )
     plugins_parser.add_argument(
         "--json", action="store_true", help="as JSON: kind, name, value, distribution, version"
+    )
+    plugins_parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also the hooks each implements and its options (imports each plugin)",
     )
     plugins_parser.set_defaults(handler=_cmd_plugins)
     export_parser = commands.add_parser(

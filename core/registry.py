@@ -3,11 +3,21 @@
 Names are read from installed distributions' metadata without importing anything; only the
 entry point asked for is loaded. A broken entry point therefore fails only the run that names
 it, and two distributions declaring the same name are reported instead of one silently winning.
+
+A distribution declares the treadle versions it supports as an ordinary requirement
+(``dependencies = ["treadle>=0.1,<0.3"]``); loading one of its names under another treadle
+version fails that run only, naming both versions.
+
+Two environment variables hide installed names (read when the registry is first asked, or at
+``refresh()``): ``TREADLE_DISABLE_PLUGINS=name,kind:name,...`` hides those names;
+``TREADLE_DISABLE_PLUGIN_AUTOLOAD=1`` hides every name a distribution other than treadle
+declares (objects passed to ``treadle.Run`` still work). ``treadle plugins`` says what is hidden.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -15,7 +25,12 @@ import importlib_metadata
 
 from treadle.errors import PluginLoadError, TreadleError, UnknownNameError
 
-__all__ = ["KINDS", "Entry", "adapt", "entries", "installed", "load", "refresh"]
+__all__ = ["KINDS", "Entry", "adapt", "blocked", "entries", "installed", "load", "refresh"]
+
+#: the distribution whose names ``TREADLE_DISABLE_PLUGIN_AUTOLOAD`` keeps
+FIRST_PARTY = "treadle"
+DISABLE = "TREADLE_DISABLE_PLUGINS"
+AUTOLOAD_OFF = "TREADLE_DISABLE_PLUGIN_AUTOLOAD"
 
 #: One entry-point group per kind: ``treadle.<kind>``. Components and plugins are chosen by
 #: name; every installed ``adapter`` is asked about a ``plugins=`` object that implements no
@@ -39,7 +54,38 @@ class Entry(NamedTuple):
 
 @functools.cache
 def entries(kind: str) -> dict[str, list[Entry]]:
-    """Every installed name of ``kind``, each with the distributions declaring it."""
+    """Every installed name of ``kind``, each with the distributions declaring it, less the
+    names the environment hides (``blocked``)."""
+    return {
+        name: kept
+        for name, declared in _declared(kind).items()
+        if (kept := [e for e in declared if _blocked_by(e) is None])
+    }
+
+
+def blocked() -> list[tuple[Entry, str]]:
+    """Every installed name the environment hides, with the variable that hides it."""
+    return [
+        (entry, why)
+        for kind in KINDS
+        for name in sorted(_declared(kind))
+        for entry in _declared(kind)[name]
+        if (why := _blocked_by(entry)) is not None
+    ]
+
+
+def _blocked_by(entry: Entry) -> str | None:
+    names = {n.strip() for n in os.environ.get(DISABLE, "").split(",") if n.strip()}
+    if entry.name in names or f"{entry.kind}:{entry.name}" in names:
+        return f"{DISABLE}={os.environ[DISABLE]}"
+    autoload = os.environ.get(AUTOLOAD_OFF, "").strip().lower()
+    if autoload not in ("", "0", "false", "no") and entry.distribution != FIRST_PARTY:
+        return f"{AUTOLOAD_OFF}={os.environ[AUTOLOAD_OFF]}"
+    return None
+
+
+@functools.cache
+def _declared(kind: str) -> dict[str, list[Entry]]:
     if kind not in KINDS:
         raise TreadleError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
     found: dict[str, list[Entry]] = {}
@@ -66,6 +112,7 @@ def refresh() -> None:
 
     importlib.invalidate_caches()
     entries.cache_clear()
+    _declared.cache_clear()
 
 
 def installed() -> Iterator[Entry]:
@@ -79,6 +126,12 @@ def load(kind: str, name: str) -> Any:
     """Import and return the object that the entry point ``name`` of ``kind`` points at."""
     candidates = entries(kind).get(name)
     if not candidates:
+        hidden = [why for entry, why in blocked() if (entry.kind, entry.name) == (kind, name)]
+        if hidden:
+            raise TreadleError(
+                f"{kind} {name!r} is installed but hidden by {hidden[0]}; unset it (or remove "
+                f"{name!r} from it) to use {name!r}"
+            )
         raise UnknownNameError(kind, name, entries(kind))
     if len(candidates) > 1:
         who = " and ".join(f"{e.distribution} {e.version} ({e.value})" for e in candidates)
@@ -87,6 +140,7 @@ def load(kind: str, name: str) -> Any:
             f"Uninstall one of them, or pass the {kind} as an object instead of by name."
         )
     entry = candidates[0]
+    _check_supported(entry)
     point = importlib_metadata.EntryPoint(
         name=entry.name, value=entry.value, group=f"treadle.{kind}"
     )
@@ -94,6 +148,34 @@ def load(kind: str, name: str) -> Any:
         return point.load()
     except (Exception, SystemExit) as exc:  # a module calling sys.exit() at import, too
         raise PluginLoadError(kind, name, entry.value, entry.distribution, exc) from exc
+
+
+def _check_supported(entry: Entry) -> None:
+    """Refuse a name whose distribution requires a treadle version other than this one."""
+    if entry.distribution in (FIRST_PARTY, "?"):
+        return
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    from treadle import __version__
+
+    try:
+        requires = importlib_metadata.distribution(entry.distribution).requires or []
+    except importlib_metadata.PackageNotFoundError:
+        return
+    for line in requires:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if requirement.name.lower() != FIRST_PARTY or requirement.marker is not None:
+            continue
+        if not requirement.specifier.contains(__version__, prereleases=True):
+            raise TreadleError(
+                f"{entry.kind} {entry.name!r} comes from {entry.distribution} "
+                f"{entry.version}, which supports treadle{requirement.specifier}, but treadle "
+                f"{__version__} is installed. Install a version of {entry.distribution} that "
+                f"supports treadle {__version__}, or a treadle it supports."
+            )
 
 
 def adapt(obj: object) -> tuple[str, object] | None:

@@ -19,7 +19,7 @@ import pluggy
 import torch
 from torch import nn
 
-from treadle import defaults, hookspecs, lock, loop, registry
+from treadle import defaults, hookspecs, lock, loop, registry, tracing
 from treadle.components import CheckpointFormat, Logger, Precision, Strategy
 from treadle.config import Config
 from treadle.errors import ConfigError, PluginError, Preempted, TreadleError, TreadleWarning
@@ -155,6 +155,7 @@ class Run:
 
         self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT)
         self.plugin_manager.add_hookspecs(hookspecs)
+        self._registered: dict[str, int] = {}  # plugin name -> registration index
         self._register(defaults, defaults.PLUGIN_NAME)
         for component in (self.strategy, self.precision, *self.loggers, self.checkpoint_format):
             if component is not None:
@@ -389,6 +390,7 @@ class Run:
             self.plugin_manager.register(plugin, name=unique)
         except pluggy.PluginValidationError as exc:
             raise PluginError(unique, _hook_in(str(exc)), str(exc)) from None
+        self._registered.setdefault(unique, len(self._registered))
 
     def _check_hooks(self) -> None:
         known = sorted(
@@ -404,6 +406,8 @@ class Run:
 
     def _refresh_listeners(self) -> None:
         """Learn which hooks have implementations; the others are skipped by ``emit``."""
+        _apply_order(self.plugin_manager, self._registered)
+        tracing.trace_hooks(self.plugin_manager)
         self._listeners.clear()
         for hook_name in dir(self.plugin_manager.hook):
             caller = getattr(self.plugin_manager.hook, hook_name)
@@ -681,6 +685,37 @@ class Run:
 
 
 _PROVIDERS = ("compute_loss", "training_step", "eval_step", "predict_step")
+
+
+def _apply_order(manager: pluggy.PluginManager, registered: Mapping[str, int]) -> None:
+    """Order implementations of a hook by their plugins' ``treadle_order`` (lower first).
+
+    Within pluggy's tryfirst / plain / trylast bands, an implementation whose plugin has a
+    lower ``treadle_order`` (an int attribute of the plugin object, module or class; default
+    0) is called first; among equal orders the plugin registered later is called first
+    (pluggy's rule: components register before ``plugins=`` entries, which register in list
+    order). pluggy calls the most recently registered first, so plugins are re-registered in
+    the reverse of the wanted order, only when some plugin declares an order.
+    """
+    plugins = manager.list_name_plugin()
+    orders = {name: _order_of(name, plugin) for name, plugin in plugins}
+    if not any(orders.values()):
+        return
+    index = {name: registered.get(name, i) for i, (name, _) in enumerate(plugins)}
+    wanted = sorted(plugins, key=lambda item: (orders[item[0]], -index[item[0]]))
+    for name, plugin in plugins:
+        manager.unregister(plugin, name=name)
+    for name, plugin in reversed(wanted):
+        manager.register(plugin, name=name)
+
+
+def _order_of(name: str, plugin: object) -> int:
+    order = getattr(plugin, "treadle_order", 0)
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise PluginError(
+            name, "treadle_order", f"treadle_order = {order!r} must be an int (lower runs first)"
+        )
+    return order
 
 
 def _has_hookimpls(obj: object) -> bool:

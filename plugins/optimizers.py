@@ -156,11 +156,31 @@ def _build(cls_name: str, model: nn.Module, options: dict[str, Any]) -> torch.op
         raise ConfigError(f"optimizer {name!r}: invalid options {options!r}: {exc}") from exc
 
 
+def _signature(cls_name: str) -> inspect.Signature | None:
+    """``factory(model, /, *, <the torch class's options>, no_decay=())``."""
+    cls = getattr(torch.optim, cls_name, None)
+    if cls is None:
+        return None
+    options = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, params
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    model = inspect.Parameter("model", inspect.Parameter.POSITIONAL_ONLY, annotation="nn.Module")
+    no_decay = inspect.Parameter(
+        "no_decay", inspect.Parameter.KEYWORD_ONLY, default=(), annotation="Iterable[str]"
+    )
+    return inspect.Signature([model, *options, no_decay])
+
+
 def _factory(cls_name: str) -> Callable[..., torch.optim.Optimizer]:
     def factory(model: nn.Module, /, **options: Any) -> torch.optim.Optimizer:
         return _build(cls_name, model, options)
 
     factory.__name__ = factory.__qualname__ = cls_name.lower()
+    signature = _signature(cls_name)
+    if signature is not None:  # what `treadle plugins --verbose` and the docs show
+        factory.__signature__ = signature  # type: ignore[attr-defined]
     factory.__doc__ = (
         f"Build ``torch.optim.{cls_name}`` over ``model``'s trainable parameters.\n\n"
         "Args:\n"

@@ -42,10 +42,14 @@ def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
         entry_points: dict[str, dict[str, str]],
         modules: dict[str, str] | None = None,
         version: str = "1.0",
+        requires: list[str] | None = None,
     ) -> Path:
         info = root / f"{name.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        requirements = "".join(f"Requires-Dist: {line}\n" for line in requires or [])
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{requirements}"
+        )
         lines = []
         for group, points in entry_points.items():
             lines.append(f"[{group}]")
