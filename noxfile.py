@@ -95,7 +95,28 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def zoo(session: nox.Session) -> None:
+    """torch.compile through treadle over Hugging Face architectures (tests/bench/zoo.py).
+
+    ``nox -s zoo`` is the full zoo (about half an hour on one quiet CPU thread);
+    ``nox -s zoo -- --quick`` a two-model smoke test; ``-- --models gpt2,llama`` a subset.
+    """
+    install(session, "-e", ".[bench]")
+    session.run("python", "-m", "tests.bench.zoo", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+
+
+@nox.session
 def docs(session: nox.Session) -> None:
-    """Run every Python example in docs/ and the README."""
-    install(session, "-e", ".[test]")
-    session.run("python", "-m", "pytest", "tests/test_docs.py")
+    """Run every code example in docs/ and the README, then build the site strictly.
+
+    The reference pages are generated from the code during the build (docs/_hooks/); the
+    examples need the HF extra and treadle-hf (docs/migrating-from-hf.md).
+    """
+    install(session, "-e", ".[test,docs,hf]", "./contrib/treadle-hf")
+    session.run(
+        "python", "-m", "pytest", "tests/test_docs.py", "tests/test_docs_site.py",
+        env={"TREADLE_DOCS_REQUIRE_ALL": "1"},
+    )  # fmt: skip
+    # `python -m`: the `mkdocs` script puts its folder, which holds the `treadle` command,
+    # first on sys.path, where mkdocstrings takes it for the package
+    session.run("python", "-m", "mkdocs", "build", "--strict", "--site-dir", session.create_tmp())

@@ -224,12 +224,12 @@ def apply_overrides(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
                     f"--set {key}: name an option of the {head} entry {rest[0]!r}, e.g. "
                     f"--set {head}.{rest[0]}.OPTION=VALUE (or replace the list: --set {head}=[...])"
                 )
-            entries = [
+            entries: list[Any] = [
                 {"name": e} if isinstance(e, str) else e
                 for e in defaults.sequence_of(result.get(head, []))
             ]
-            entry = next(
-                (e for e in entries if isinstance(e, Mapping) and e.get("name") == rest[0]), None
+            entry: dict[str, Any] | None = next(
+                (e for e in entries if isinstance(e, dict) and e.get("name") == rest[0]), None
             )
             if entry is None:
                 entry = {"name": rest[0]}

@@ -41,7 +41,9 @@ def trace_hooks(manager: pluggy.PluginManager) -> None:
         for impl in caller.get_hookimpls():
             if impl.wrapper or impl.hookwrapper or getattr(impl.function, _MARK, False):
                 continue
-            impl.function = _timed(impl.function, name, impl.plugin_name, out)
+            # pluggy types HookImpl.function as Final; replacing it keeps pluggy's calling
+            # convention (the argument names were read at registration) and its order
+            impl.function = _timed(impl.function, name, impl.plugin_name, out)  # type: ignore[misc]
 
 
 @functools.cache

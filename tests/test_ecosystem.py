@@ -135,7 +135,9 @@ def test_trace_hooks_writes_every_call_with_its_plugin(
     steps = [line for line in lines if line.startswith("treadle trace: on_step_end Listener ")]
     assert len(steps) == 3
     assert all(line.endswith(" ms") for line in steps)
-    assert any(" compute_loss treadle.defaults " in line for line in lines)  # the kernel's default too
+    assert any(
+        " compute_loss treadle.defaults " in line for line in lines
+    )  # the kernel's default too
 
 
 def test_no_trace_without_the_variable(

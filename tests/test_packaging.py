@@ -20,10 +20,17 @@ def test_every_plugin_package_is_listed_for_the_build() -> None:
     listed = set(
         tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     )
-    found = {"treadle"} | {
-        "treadle." + str(init.parent.relative_to(ROOT)).replace("/", ".")
-        for init in (ROOT / "plugins").rglob("__init__.py")
-    }
+    found = (
+        {"treadle"}
+        | {
+            "treadle." + str(init.parent.relative_to(ROOT)).replace("/", ".")
+            for init in (ROOT / "plugins").rglob("__init__.py")
+        }
+        | {
+            "treadle." + str(init.parent.relative_to(ROOT / "core")).replace("/", ".")
+            for init in (ROOT / "core").glob("*/__init__.py")
+        }
+    )
     assert found == listed
 
 
