@@ -398,7 +398,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from treadle.plugins import plot
 
-    print(plot.plot_run(args.run_dir, args.out))
+    print(plot.plot_runs(args.run_dir, args.out))
     return 0
 
 
@@ -588,11 +588,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "launcher: treadle launch --launcher deepspeed [deepspeed options] RUN.toml)",
     )
     plot_parser = commands.add_parser(
-        "plot", help="draw a run's loss, learning rate, eval metrics and throughput as a PNG"
+        "plot",
+        help="draw runs' loss, learning rate, eval metrics and throughput as one PNG",
     )
-    plot_parser.add_argument("run_dir", help="a run's output directory, or its metrics.jsonl")
     plot_parser.add_argument(
-        "-o", "--out", default=None, help="the PNG to write (default: RUN_DIR/metrics.png)"
+        "run_dir", nargs="+", help="a run's output directory, or its metrics.jsonl; several compare"
+    )
+    plot_parser.add_argument(
+        "-o",
+        "--out",
+        default=None,
+        help="the PNG to write (default: RUN_DIR/metrics.png; ./comparison.png for several runs)",
     )
     plot_parser.set_defaults(handler=_cmd_plot)
     demo_parser = commands.add_parser("demo", help="train a small transformer on a generated task")

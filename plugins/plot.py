@@ -1,15 +1,18 @@
-"""``treadle plot RUN_DIR``: one PNG of a run's metrics against step, from its ``metrics.jsonl``.
+"""``treadle plot RUN_DIR [RUN_DIR ...]``: one PNG of runs' metrics against step, from their
+``metrics.jsonl``.
 
-Up to five panels, each drawn only when the log has its metrics:
+Up to five panels, each drawn only when a log has its metrics:
 
 * **loss**: the training ``loss`` and every evaluation loss (``<set>/loss``);
-* **learning rate**: ``lr`` and every ``lr/<group>`` (log scale when all are positive);
+* **learning rate**: ``lr`` and every ``lr/<group>``, on a log scale (a warm-up's zero learning
+  rate has no place on it and is left out);
 * **evaluation metrics**: every other ``<set>/<metric>`` an evaluation logged;
 * **throughput**: ``samples_per_s``, ``tokens_per_s`` and the ``throughput/*`` rates;
 * **memory**: the ``memory/*`` figures.
 
-A metric logged several times at one step (a resumed run re-logging steps) is drawn with its
-last value. Drawing uses matplotlib's object API with the Agg canvas (no display, and no change
+Several runs share the figure: each run has its colour, each metric of a panel its line style,
+and the legend says ``run: metric``. A metric logged several times at one step (a resumed run
+re-logging steps) is drawn with its last value. Drawing uses matplotlib's object API with the Agg canvas (no display, and no change
 to pyplot's global backend); matplotlib is an extra: ``pip install "treadle[plot]"``.
 """
 
@@ -18,13 +21,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from treadle.errors import ConfigError, require
 
-__all__ = ["group_series", "plot_run", "read_metrics"]
+__all__ = ["group_series", "plot_run", "plot_runs", "read_metrics"]
 
 _SKIP = {"step", "epoch", "time"}
 _RATES = {"samples_per_s", "tokens_per_s"}
@@ -77,7 +80,6 @@ def group_series(
     records: Iterable[Mapping[str, Any]],
 ) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
     """Panel title → metric name → (steps, values), in panel order, finite numbers only."""
-    order = ["loss", "learning rate", "evaluation metrics", "throughput", "memory (MiB)"]
     points: dict[str, dict[int, float]] = {}
     for record in records:
         step = record["step"]
@@ -92,44 +94,91 @@ def group_series(
         assert panel is not None
         steps = sorted(by_step)
         panels.setdefault(panel, {})[key] = (steps, [by_step[s] for s in steps])
-    return {title: panels[title] for title in order if title in panels}
+    return {title: panels[title] for title in _ORDER if title in panels}
 
 
 def plot_run(
     run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, dpi: int = 100
 ) -> Path:
-    """Draw the run's metrics; returns the PNG's path (default ``<run_dir>/metrics.png``).
+    """Draw one run's metrics; returns the PNG's path (default ``<run_dir>/metrics.png``).
 
     Raises:
         ConfigError: no metrics log, or nothing in it to draw.
+        MissingDependencyError: matplotlib is not installed.
+    """
+    return plot_runs([run_dir], out, dpi)
+
+
+_STYLES = ("-", "--", ":", "-.")
+
+
+def plot_runs(
+    run_dirs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str] | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Draw several runs in one figure; returns the PNG's path (default: ``metrics.png`` in
+    the one run's directory, ``comparison.png`` in the current directory for several).
+
+    Raises:
+        ConfigError: no run, a run without a metrics log, or nothing in them to draw.
         MissingDependencyError: matplotlib is not installed.
     """
     require("matplotlib", extra="plot", what="treadle plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    source = Path(run_dir)
-    panels = group_series(read_metrics(source))
-    if not panels:
-        raise ConfigError(f"{source}: the metrics log holds no numbers to plot yet")
-    directory = source if source.is_dir() else source.parent
-    target = Path(out) if out is not None else directory / "metrics.png"
+    if not run_dirs:
+        raise ConfigError("treadle plot needs at least one run directory (or metrics.jsonl)")
+    sources = [Path(run_dir) for run_dir in run_dirs]
+    names = [_run_name(source) for source in sources]
+    runs = {name: group_series(read_metrics(source)) for name, source in zip(names, sources)}
+    titles = [t for t in _ORDER if any(t in panels for panels in runs.values())]
+    if not titles:
+        raise ConfigError(f"{', '.join(map(str, sources))}: no metrics to plot yet")
+    if out is not None:
+        target = Path(out)
+    elif len(sources) == 1:
+        target = (sources[0] if sources[0].is_dir() else sources[0].parent) / "metrics.png"
+    else:
+        target = Path("comparison.png")
 
-    figure = Figure(figsize=(8, 2.6 * len(panels)), layout="constrained")
+    figure = Figure(figsize=(8, 2.6 * len(titles)), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (title, series) in zip(axes, panels.items()):
-        for key, (steps, values) in series.items():
-            marker = "o" if len(steps) <= 30 else None  # sparse series (evaluations) as dots
-            ax.plot(steps, values, label=key, marker=marker, markersize=3, linewidth=1.2)
-        every_value = [v for _, values in series.values() for v in values]
-        if title == "learning rate" and every_value and min(every_value) > 0:
+    axes = figure.subplots(len(titles), 1, sharex=True, squeeze=False)[:, 0]
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, title in zip(axes, titles):
+        keys = sorted({key for panels in runs.values() for key in panels.get(title, {})})
+        for colour, (name, panels) in zip(colours, runs.items()):
+            for key, (steps, values) in panels.get(title, {}).items():
+                if title == "learning rate":  # log scale: zeros (warm-up's start) cannot show
+                    steps, values = _positive(steps, values)
+                label = key if len(runs) == 1 else f"{name}: {key}"
+                style = _STYLES[keys.index(key) % len(_STYLES)]
+                marker = "o" if len(steps) <= 30 else None  # sparse series (evaluations) as dots
+                colour_of = colour if len(runs) > 1 else None
+                ax.plot(steps, values, style, color=colour_of, label=label, marker=marker,
+                        markersize=3, linewidth=1.2)  # fmt: skip
+        if title == "learning rate" and ax.lines:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10, loc="left")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     axes[-1].set_xlabel("step")
-    figure.suptitle(f"{directory.resolve().name}", fontsize=11)
+    figure.suptitle(" vs ".join(names), fontsize=11)
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=dpi)
     return target
+
+
+_ORDER = ("loss", "learning rate", "evaluation metrics", "throughput", "memory (MiB)")
+
+
+def _run_name(source: Path) -> str:
+    directory = source if source.is_dir() else source.parent
+    return directory.resolve().name
+
+
+def _positive(steps: list[int], values: list[float]) -> tuple[list[int], list[float]]:
+    kept = [(step, value) for step, value in zip(steps, values) if value > 0]
+    return [s for s, _ in kept], [v for _, v in kept]

@@ -1,4 +1,4 @@
-"""``treadle plot RUN_DIR``: a PNG of the run's metrics from its metrics.jsonl."""
+"""``treadle plot RUN_DIR [RUN_DIR ...]``: a PNG of runs' metrics from their metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -105,3 +105,66 @@ def test_errors_name_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_missing_log_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(["plot", str(tmp_path)])
     assert "no metrics log at" in capsys.readouterr().err
+
+
+def _captured_figure(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    figure_module = pytest.importorskip("matplotlib.figure")
+    figures: list[object] = []
+    original = figure_module.Figure.savefig
+
+    def keep(self: object, *args: object, **kwargs: object) -> None:
+        figures.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(figure_module.Figure, "savefig", keep)
+    return figures
+
+
+def _warmup_run(out: Path, lr: float) -> Path:
+    torch.manual_seed(0)
+    treadle.Run(
+        toy.model(),
+        toy.train_data(n=64, batch_size=8),
+        config=treadle.Config(max_steps=8, log_every=1, output_dir=str(out)),
+        optimizer={"name": "adamw", "lr": lr},
+        scheduler={"name": "linear", "warmup_steps": 4},
+        loggers=[JsonlLogger()],
+        checkpoint=None,
+    ).fit()
+    return out
+
+
+def test_several_runs_in_one_figure_and_lr_on_a_log_scale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    figures = _captured_figure(monkeypatch)
+    first, second = _warmup_run(tmp_path / "small", 1e-3), _warmup_run(tmp_path / "big", 1e-1)
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", str(first), str(second)]) == 0
+    assert capsys.readouterr().out.strip() == "comparison.png"
+    _decoded(tmp_path / "comparison.png")
+    (figure,) = figures
+    panels = {ax.get_title(loc="left"): ax for ax in figure.axes}  # type: ignore[attr-defined]
+    labels = {line.get_label() for line in panels["loss"].lines}
+    assert labels == {"small: loss", "big: loss"}
+    colours = {line.get_label(): line.get_color() for line in panels["loss"].lines}
+    assert colours["small: loss"] != colours["big: loss"]
+    lr = panels["learning rate"]
+    assert lr.get_yscale() == "log"
+    for line in lr.lines:  # a warm-up's zero cannot sit on a log scale: left out, not fatal
+        assert min(line.get_ydata()) > 0
+
+
+def test_a_warm_up_from_zero_keeps_the_log_scale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figures = _captured_figure(monkeypatch)
+    out = tmp_path / "run"
+    out.mkdir()
+    records = [{"step": s, "lr": s * 1e-4, "loss": 1.0 / (s + 1)} for s in range(5)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_run(out)
+    (figure,) = figures
+    lr = next(ax for ax in figure.axes if ax.get_title(loc="left") == "learning rate")  # type: ignore[attr-defined]
+    assert lr.get_yscale() == "log"
+    assert list(lr.lines[0].get_xdata()) == [1, 2, 3, 4]
