@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["ResumableSampler"]
+__all__ = ["ResumableSampler", "with_sampler"]
 
 
 class ResumableSampler(Sampler[int]):
@@ -73,3 +73,25 @@ class ResumableSampler(Sampler[int]):
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "seed": self.seed}
+
+
+def with_sampler(
+    loader: DataLoader[Any], sampler: Sampler[int], collate_fn: Any = None
+) -> DataLoader[Any]:
+    """``loader`` with another sampler (and, if given, collate function); every other setting
+    (batch size, workers, pinning, ...) kept. What the kernel does to make a user's DataLoader
+    resumable and shardable, and what a plugin replacing the order of samples does too."""
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=collate_fn if collate_fn is not None else loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        persistent_workers=loader.persistent_workers,
+        prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
+    )

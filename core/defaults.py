@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from treadle.data import ResumableSampler
+from treadle.data import with_sampler
 from treadle.errors import ConfigError, TreadleError
 from treadle.hookspecs import hookimpl
 from treadle.state import LossSum
@@ -356,7 +356,7 @@ def make_train_loader(run: Run, data: Any) -> Iterable[Any]:
                 seed=config.seed,
                 drop_last=False,
             )
-            return _rebuild(data, sampler)
+            return with_sampler(data, sampler)
         return data
     if _is_map_dataset(data):
         if config.batch_size is None:
@@ -383,7 +383,7 @@ def make_eval_loader(run: Run, data: Any) -> Iterable[Any]:
             sampler = run.strategy.train_sampler(
                 len(cast(Sized, data.dataset)), shuffle=False, seed=0, drop_last=False
             )
-            return _rebuild(data, sampler)
+            return with_sampler(data, sampler)
         return data
     if _is_map_dataset(data):
         batch_size = run.config.eval_batch_size or run.config.batch_size
@@ -407,23 +407,6 @@ def _has_standard_sampler(loader: DataLoader[Any]) -> bool:
         # a DataLoader over any sized, indexable collection (a list too) has a map-style dataset
         and hasattr(loader.dataset, "__len__")
         and hasattr(loader.dataset, "__getitem__")
-    )
-
-
-def _rebuild(loader: DataLoader[Any], sampler: ResumableSampler) -> DataLoader[Any]:
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        persistent_workers=loader.persistent_workers,
-        prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
     )
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from treadle.errors import TreadleError
 from treadle.state import LossSum
 
-__all__ = ["CausalLMLoss", "TokenLoss", "causal_lm_loss_sum", "token_loss_sum"]
+__all__ = ["CausalLMLoss", "TokenLoss", "causal_lm_loss_sum", "logits_of", "token_loss_sum"]
 
 #: The label value that the losses skip (the convention of ``F.cross_entropy`` and Hugging Face).
 IGNORE_INDEX: int = -100
@@ -121,7 +121,7 @@ class TokenLoss:
         return f"{type(self).__name__}(ignore_index={self.ignore_index}, labels_key={self.labels_key!r})"
 
     def __call__(self, outputs: Any, batch: Any) -> LossSum:
-        logits, labels = _logits(outputs), self._labels(batch)
+        logits, labels = logits_of(outputs), self._labels(batch)
         compute = causal_lm_loss_sum if self.shift else token_loss_sum
         return compute(logits, labels, self.ignore_index)
 
@@ -151,7 +151,8 @@ class CausalLMLoss(TokenLoss):
     shift = True
 
 
-def _logits(outputs: Any) -> torch.Tensor:
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The logits a model returned: the tensor itself, ``.logits`` or ``["logits"]``."""
     if isinstance(outputs, torch.Tensor):
         return outputs
     logits = getattr(outputs, "logits", None)

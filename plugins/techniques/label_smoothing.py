@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from treadle.errors import ConfigError, TreadleError
 from treadle.hookspecs import hookimpl
+from treadle.plugins.losses import logits_of
 from treadle.state import LossSum
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ class LabelSmoothing:
         labels, inputs = self._split(batch)
         outputs = _call(model, inputs)
         loss = smoothed_cross_entropy(
-            _logits(outputs),
+            logits_of(outputs),
             labels,
             self.epsilon,
             ignore_index=self.ignore_index,
@@ -193,17 +194,3 @@ def _call(model: torch.nn.Module, inputs: Mapping[str, Any] | tuple[Any, ...]) -
     if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(*inputs)
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    logits = getattr(outputs, "logits", None)
-    if logits is None and isinstance(outputs, Mapping):
-        logits = outputs.get("logits")
-    if not isinstance(logits, torch.Tensor):
-        raise TreadleError(
-            f"label-smoothing: the model returned a {type(outputs).__name__} with no logits; "
-            "return a tensor, an object with .logits or a mapping with a 'logits' key"
-        )
-    return logits

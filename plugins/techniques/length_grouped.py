@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from treadle.data import ResumableSampler
+from treadle.data import ResumableSampler, with_sampler
 from treadle.errors import ConfigError
 from treadle.hookspecs import hookimpl
 
@@ -278,20 +278,7 @@ class LengthGroupedSampler:
             loader.batch_size,
             shuffle=isinstance(loader.sampler, RandomSampler),
         )
-        return DataLoader(
-            loader.dataset,
-            batch_size=loader.batch_size,
-            sampler=sampler,
-            num_workers=loader.num_workers,
-            collate_fn=self._collate(loader.collate_fn),
-            pin_memory=loader.pin_memory,
-            drop_last=loader.drop_last,
-            timeout=loader.timeout,
-            worker_init_fn=loader.worker_init_fn,
-            multiprocessing_context=loader.multiprocessing_context,
-            persistent_workers=loader.persistent_workers,
-            prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
-        )
+        return with_sampler(loader, sampler, self._collate(loader.collate_fn))
 
     def _collate(self, given: Callable[[list[Any]], Any] | None) -> Callable[[list[Any]], Any]:
         from torch.utils.data import default_collate
