@@ -98,7 +98,7 @@ def bench(session: nox.Session) -> None:
 def zoo(session: nox.Session) -> None:
     """torch.compile through treadle over Hugging Face architectures (tests/bench/zoo.py).
 
-    ``nox -s zoo`` is the full zoo (about half an hour on one quiet CPU thread);
+    ``nox -s zoo`` is the full zoo (about 20 minutes on one quiet CPU thread);
     ``nox -s zoo -- --quick`` a two-model smoke test; ``-- --models gpt2,llama`` a subset.
     """
     install(session, "-e", ".[bench]")

@@ -256,9 +256,11 @@ def slower_compiled(rows: Sequence[ModelRow]) -> list[str]:
         elif r.recompiles:
             reason = f"{r.recompiles} recompilation(s)"
         else:
+            # measured: two thirds of an eager BERT step here is aten::mm/addmm and attention
             reason = (
-                "no graph break and no recompilation: one whole graph, whose generated CPU "
-                "kernels are slower here than eager's (profile it with the profiler plugin)"
+                "no graph break and no recompilation (one whole graph): most of the step is "
+                "matrix products, which inductor on a CPU leaves to the same GEMM library as "
+                "eager, so fusing the rest gains little (profile: the profiler plugin)"
             )
         lines.append(
             f"- {r.model}: compiled {r.speedup_compiled:.2f}x vs eager "
@@ -267,8 +269,8 @@ def slower_compiled(rows: Sequence[ModelRow]) -> list[str]:
     return lines
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else format(value, spec) + unit
 
 
 def markdown(rows: Sequence[ModelRow], settings: Mapping[str, Any]) -> str:
@@ -286,7 +288,7 @@ def markdown(rows: Sequence[ModelRow], settings: Mapping[str, Any]) -> str:
         body += (
             f"| {r.model} ({r.hf_class}) | {r.accuracy} | {_fmt(r.bare_samples_per_s, '.2f')} | "
             f"{_fmt(r.treadle_samples_per_s, '.2f')} | {_fmt(r.compiled_samples_per_s, '.2f')} | "
-            f"{_fmt(r.speedup_treadle, '.3f')}x | {_fmt(r.speedup_compiled, '.3f')}x | "
+            f"{_fmt(r.speedup_treadle, '.3f', 'x')} | {_fmt(r.speedup_compiled, '.3f', 'x')} | "
             f"{_fmt(r.compile_s, '.1f')} | {breaks} |\n"
         )
     marks = {True: "met", False: "NOT met", None: "not measured"}
@@ -349,6 +351,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="samples per step (default 8, quick 4)")
     parser.add_argument("--out", default="runs/zoo", help="directory for zoo.csv, zoo.md, raw")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per process")
+    parser.add_argument(
+        "--summarise",
+        metavar="RAW",
+        help="only rebuild zoo.md and zoo.csv from a raw.jsonl of an earlier run (give the "
+        "same --warmup, --batch-size and sizes as that run)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     names = args.models or ",".join(QUICK_MODELS if quick else DEFAULT_MODELS)
@@ -379,6 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "steps": args.steps, "layers": args.layers, "width": args.width,
         "seq_len": args.seq_len, "batch_size": args.batch_size, "threads": 1,
     }  # fmt: skip
+    if args.summarise:
+        rows = from_raw(Path(args.summarise), args.batch_size, args.warmup)
+        settings.update(models=len(rows), cpu=_cpu_name())
+        return _report(out, rows, settings)
     shape = {k: settings[k] for k in ("layers", "width", "seq_len", "batch_size")}
     started = time.perf_counter()
     cache = Path(tempfile.mkdtemp(prefix="treadle-zoo-inductor-"))
@@ -422,12 +434,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(pycache, ignore_errors=True)
     settings["wall_min"] = round((time.perf_counter() - started) / 60, 1)
     settings["cpu"] = _cpu_name()
+    return _report(out, rows, settings)
+
+
+def _report(out: Path, rows: Sequence[ModelRow], settings: Mapping[str, Any]) -> int:
     text = markdown(rows, settings)
     (out / "zoo.md").write_text(text)
     write_csv(out / "zoo.csv", rows)
     print(text)
     print(f"zoo: wrote {out / 'zoo.md'} and {out / 'zoo.csv'}", file=sys.stderr)
     return 0 if all(r.rounds for r in rows) else 1
+
+
+def from_raw(path: Path, batch_size: int, warmup: int) -> list[ModelRow]:
+    """The summary of an earlier run, from its ``raw.jsonl``."""
+    from tests.bench.zoo_models import MODELS
+
+    fp64: dict[str, dict[str, Any]] = {}
+    rounds: dict[str, dict[int, dict[str, Any]]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        model, contender, round_ = record["model"], record["contender"], record["round"]
+        if contender == "fp64":
+            fp64[model] = record
+        else:
+            rounds.setdefault(model, {}).setdefault(round_, {})[contender] = record
+    rows = []
+    for model, by_round in rounds.items():
+        spec = MODELS[model]
+        ordered = [by_round[r] for r in sorted(by_round)]
+        reference = fp64.get(model, {"error": "no float64 run"})
+        rows.append(
+            summarise(model, spec.hf_class, spec.tolerance, reference, ordered, batch_size, warmup)
+        )
+    return rows
 
 
 def _cpu_name() -> str:
