@@ -12,6 +12,7 @@ variable is set: without it nothing is wrapped and tracing costs nothing. Wrappe
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -50,7 +51,9 @@ def trace_hooks(manager: pluggy.PluginManager) -> None:
 def _stream(target: str) -> TextIO:
     if target.lower() in ("1", "true", "yes", "stderr"):
         return sys.stderr
-    return open(target, "a", buffering=1, encoding="utf-8")  # open for the process's life
+    handle = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (process-long)
+    atexit.register(handle.close)
+    return handle
 
 
 def _timed(function: Callable[..., Any], hook: str, plugin: str, out: TextIO) -> Any:

@@ -70,6 +70,7 @@ def batch_lengths(loader: Any) -> list[list[int]]:
 
 
 def test_order_is_hf_get_length_grouped_indices() -> None:
+    pytest.importorskip("transformers")
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     lengths = Tokens(n=200).lengths
