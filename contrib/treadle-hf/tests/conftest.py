@@ -12,8 +12,9 @@ import torch
 VOCAB = 100
 
 
-def tiny_gpt2(seed: int = 0, vocab: int = VOCAB):
-    """A 2-layer GPT-2 causal LM with 32-wide embeddings; same seed, same weights."""
+def tiny_gpt2(seed: int = 0, vocab: int = VOCAB, dropout: float = 0.0):
+    """A 2-layer GPT-2 causal LM with 32-wide embeddings; same seed, same weights. Dropout is
+    off unless asked for (GPT-2's own default is 0.1), so runs compare exactly."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -23,21 +24,20 @@ def tiny_gpt2(seed: int = 0, vocab: int = VOCAB):
         n_head=2,
         vocab_size=vocab,
         n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
         bos_token_id=1,
         eos_token_id=1,
     )
     return GPT2LMHeadModel(config)
 
 
-def tiny_bert_classifier(seed: int = 0, vocab: int = VOCAB, num_labels: int = 2):
-    """A 2-layer BERT for sequence classification; dropout off so runs compare exactly."""
-    from transformers import BertConfig, BertForSequenceClassification
+def _tiny_bert_config(vocab: int, **options: object):
+    """2 layers, 32 wide, dropout off so runs compare exactly."""
+    from transformers import BertConfig
 
-    torch.manual_seed(seed)
-    config = BertConfig(
+    return BertConfig(
         vocab_size=vocab,
         hidden_size=32,
         num_hidden_layers=2,
@@ -46,10 +46,25 @@ def tiny_bert_classifier(seed: int = 0, vocab: int = VOCAB, num_labels: int = 2)
         max_position_embeddings=64,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        num_labels=num_labels,
         pad_token_id=0,
+        **options,
     )
-    return BertForSequenceClassification(config)
+
+
+def tiny_bert_classifier(seed: int = 0, vocab: int = VOCAB, num_labels: int = 2):
+    """A 2-layer BERT for sequence classification; dropout off so runs compare exactly."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(_tiny_bert_config(vocab, num_labels=num_labels))
+
+
+def tiny_bert_mlm(vocab: int = VOCAB, seed: int = 0):
+    """A 2-layer BERT masked LM; dropout off so runs compare exactly."""
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(seed)
+    return BertForMaskedLM(_tiny_bert_config(vocab))
 
 
 def tiny_t5(seed: int = 0, vocab: int = VOCAB):
@@ -87,6 +102,13 @@ def lm_batches(
             {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         )
     return batches
+
+
+def token_batches(n: int = 4, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of 2 rows of 16 random ids in ``[0, VOCAB)``, labels a copy of the ids."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, VOCAB, (2, 16), generator=generator) for _ in range(n)]
+    return [{"input_ids": x, "labels": x.clone()} for x in ids]
 
 
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "log", "fast", "slow", "red"]

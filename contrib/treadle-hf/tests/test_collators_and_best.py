@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_t5, tiny_tokenizer
+from conftest import tiny_bert_mlm, tiny_gpt2, tiny_t5, tiny_tokenizer
 from torch import nn
 from treadle_hf.arguments import from_training_arguments
 from treadle_hf.data import HFData, loader
@@ -154,25 +154,6 @@ def test_causal_lm_collator_on_rows_of_varied_lengths(way: str) -> None:
         assert torch.equal(batch["labels"], batch["input_ids"].masked_fill(padding, -100))
     assert any(bool((b["attention_mask"] == 0).any()) for b in batches), "no padding to test"
     assert_same_run(ours, reference, recorder, batches)
-
-
-def tiny_bert_mlm(vocab: int, seed: int = 0) -> nn.Module:
-    """A 2-layer BERT masked LM; dropout off so runs compare exactly."""
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        pad_token_id=0,
-    )
-    return BertForMaskedLM(config)
 
 
 @pytest.mark.timeout(120)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_gpt2, token_batches
 from treadle_hf import export as hf_export
 
 import treadle
@@ -25,20 +26,7 @@ VOCAB = 100
 
 
 def _gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
-        bos_token_id=1, eos_token_id=1,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config)
-
-
-def _batches(n: int = 4, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = [torch.randint(0, VOCAB, (2, 16), generator=generator) for _ in range(n)]
-    return [{"input_ids": x, "labels": x.clone()} for x in ids]
+    return tiny_gpt2(seed, dropout=0.1)  # GPT-2's default dropout: these runs train with it
 
 
 def _train(tmp_path: Path, model, checkpoint="safetensors", steps: int = 2) -> Path:
@@ -48,7 +36,7 @@ def _train(tmp_path: Path, model, checkpoint="safetensors", steps: int = 2) -> P
         warnings.simplefilter("ignore")
         run = treadle.Run(
             model=model,
-            train_data=_batches(),
+            train_data=token_batches(),
             config=treadle.Config(max_steps=steps, output_dir=str(out), log_every=0),
             optimizer={"name": "adamw", "lr": 1e-2},
             loggers=(),
@@ -151,7 +139,7 @@ def test_resume_from_hf_format(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         run = treadle.Run(
             model=resumed,
-            train_data=_batches(),
+            train_data=token_batches(),
             config=treadle.Config(max_steps=2, output_dir=str(run_dir), resume="auto"),
             loggers=(),
             checkpoint="hf",

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_gpt2, token_batches
 from treadle_hf import lora
 
 import treadle
@@ -31,20 +32,7 @@ LORA = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["
 
 
 def _gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
-        bos_token_id=1, eos_token_id=1,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config)
-
-
-def _batches(n: int = 4, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = [torch.randint(0, VOCAB, (2, 16), generator=generator) for _ in range(n)]
-    return [{"input_ids": x, "labels": x.clone()} for x in ids]
+    return tiny_gpt2(seed, dropout=0.1)  # GPT-2's default dropout: these runs train with it
 
 
 def _run(model, out: Path, steps: int, *, plugin: Any = None, **options: Any) -> treadle.Run:
@@ -53,7 +41,7 @@ def _run(model, out: Path, steps: int, *, plugin: Any = None, **options: Any) ->
         warnings.simplefilter("ignore", treadle.TreadleWarning)
         return treadle.Run(
             model=model,
-            train_data=_batches(),
+            train_data=token_batches(),
             config=treadle.Config(
                 max_steps=steps,
                 output_dir=str(out),
