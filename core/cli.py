@@ -354,35 +354,20 @@ def _details(entry: registry.Entry) -> dict[str, Any]:
         for name in dir(hookspecs)
         if hasattr(getattr(target, name, None), f"{hookspecs.PROJECT}_impl")
     )
-    return {"hooks": hooks, "options": _options(entry.kind, target)}
+    return {"hooks": hooks, "options": _options(target)}
 
 
-def _options(kind: str, target: Any) -> list[str]:
+def _options(target: Any) -> list[str]:
     try:
-        signature = inspect.signature(target)
+        found = registry.options(target)
     except (TypeError, ValueError):
         return []
-    parameters = list(signature.parameters.values())
-    if kind in ("optimizer", "scheduler") and parameters:
-        parameters = parameters[1:]  # the model's parameters / the optimizer, not an option
-    shown = []
-    for parameter in parameters:
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            shown.append(
-                ("**" if parameter.kind == parameter.VAR_KEYWORD else "*") + parameter.name
-            )
-            continue
-        text = parameter.name
-        if parameter.annotation is not parameter.empty:
-            annotation = parameter.annotation
-            shown_type = (
-                annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
-            )
-            text += f": {shown_type}"
-        if parameter.default is not parameter.empty:
-            text += f" = {parameter.default!r}"
-        shown.append(text)
-    return shown
+    return [
+        option.name
+        + (f": {option.type}" if option.type and not option.name.startswith("**") else "")
+        + (f" = {option.default}" if option.default is not None else "")
+        for option in found
+    ]
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -25,7 +25,10 @@ import importlib_metadata
 
 from treadle.errors import PluginLoadError, TreadleError, UnknownNameError
 
-__all__ = ["KINDS", "Entry", "adapt", "blocked", "entries", "installed", "load", "refresh"]
+__all__ = [
+    "KINDS", "Entry", "Option", "adapt", "blocked", "entries", "installed", "load", "options",
+    "refresh",
+]  # fmt: skip
 
 #: the distribution whose names ``TREADLE_DISABLE_PLUGIN_AUTOLOAD`` keeps
 FIRST_PARTY = "treadle"
@@ -148,6 +151,44 @@ def load(kind: str, name: str) -> Any:
         return point.load()
     except (Exception, SystemExit) as exc:  # a module calling sys.exit() at import, too
         raise PluginLoadError(kind, name, entry.value, entry.distribution, exc) from exc
+
+
+class Option(NamedTuple):
+    """One option a component takes: what a ``{"name": ..., **options}`` table may hold."""
+
+    name: str  #: ``**options`` for a catch-all of forwarded options
+    type: str  #: the annotation as written, "" when there is none
+    default: str | None  #: ``repr`` of the default; None when required (or a catch-all)
+
+
+def options(target: Any) -> list[Option]:
+    """The options of a component class or factory, from its signature, less what the kernel
+    passes positionally (an optimizer factory's model, a scheduler factory's optimizer).
+
+    Raises:
+        TypeError, ValueError: ``target`` has no signature ``inspect`` can read.
+    """
+    import inspect
+
+    found = []
+    for parameter in inspect.signature(target).parameters.values():
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.VAR_POSITIONAL):
+            continue
+        catch_all = parameter.kind is parameter.VAR_KEYWORD
+        annotation = parameter.annotation
+        if annotation is parameter.empty:
+            written = ""
+        else:
+            written = (
+                annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+            )
+        default = (
+            None if catch_all or parameter.default is parameter.empty else repr(parameter.default)
+        )
+        found.append(
+            Option(f"**{parameter.name}" if catch_all else parameter.name, written, default)
+        )
+    return found
 
 
 def _check_supported(entry: Entry) -> None:

@@ -295,42 +295,30 @@ def entry_points(distribution: str = "treadle") -> dict[str, list[importlib.meta
 def options_of(obj: Any) -> list[tuple[str, str, str, str]]:
     """``(name, type, default, description)`` of every option a component takes: its class
     ``__init__`` or factory signature, described by the docstring's ``Args:``/``Options:``."""
-    signature = inspect.signature(obj)
     docs: dict[str, str] = {}
     # a subclass documents what it adds; what it inherits is documented by its bases
     sources = [*reversed(obj.__mro__), obj.__init__] if isinstance(obj, type) else [obj]
     for source in sources:
         if source is not object and source.__doc__:
             docs |= split_sections(inspect.cleandoc(source.__doc__))[1]
+    from treadle import registry
+
     rows = []
-    for parameter in signature.parameters.values():
-        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.VAR_POSITIONAL):
-            continue  # the model / optimizer the kernel passes
-        name = parameter.name
-        if parameter.kind is parameter.VAR_KEYWORD:
-            name = f"**{name}"
+    for option in registry.options(obj):
+        name = option.name
         # a factory whose signature shows the options it forwards (the optimizers show their
         # torch class's) documents them all at once, as ``**options``
-        description = docs.get(name) or docs.get(parameter.name) or docs.get("**options")
+        description = docs.get(name) or docs.get(name.lstrip("*")) or docs.get("**options")
         if not description:
             raise DocsError(
                 f"{obj.__module__}:{obj.__qualname__} does not document its option {name!r} "
                 "(an Args: or Options: section of its docstring)"
             )
-        annotation = parameter.annotation
-        if annotation is parameter.empty:
-            kind = ""
-        elif isinstance(annotation, str):
-            kind = annotation
+        if option.default is not None:
+            default = option.default
         else:
-            kind = inspect.formatannotation(annotation)
-        if parameter.kind is parameter.VAR_KEYWORD:
-            default = ""
-        elif parameter.default is parameter.empty:
-            default = "required"
-        else:
-            default = repr(parameter.default)
-        rows.append((name, kind, default, description))
+            default = "" if name.startswith("**") else "required"
+        rows.append((name, option.type, default, description))
     return rows
 
 
