@@ -24,7 +24,7 @@ from treadle.config import Config
 from treadle.errors import ConfigError, TreadleError
 from treadle.run import Run, _component, seed_everything
 
-__all__ = ["apply_overrides", "build_run", "main"]
+__all__ = ["apply_overrides", "build_run", "main", "parse_key_values"]
 
 _RUN_KEYS = {
     "model", "train_data", "eval_data", "loss_fn", "config", "strategy", "precision",
@@ -293,8 +293,9 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _key_values(flag: str, items: Sequence[str] | None) -> dict[str, Any]:
-    """``["key=value", ...]`` (values read as TOML, else as text) for ``--set`` / ``--option``."""
+def parse_key_values(flag: str, items: Sequence[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` (values read as TOML, else as text) for ``--set`` / ``--option``;
+    ``flag`` names the option in the error for an item without ``=``."""
     values = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -305,7 +306,7 @@ def _key_values(flag: str, items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    overrides = _key_values("--set", args.set)
+    overrides = parse_key_values("--set", args.set)
     with build_run(args.file, overrides) as run:
         run.fit()
     return 0
@@ -373,7 +374,7 @@ def _options(target: Any) -> list[str]:
 def _cmd_export(args: argparse.Namespace) -> int:
     from treadle import checkpoint
 
-    options = _key_values("--option", args.option)
+    options = parse_key_values("--option", args.option)
     fmt = {"name": args.format, **options} if options else args.format
     out = checkpoint.export(args.checkpoint, args.out, format=fmt)
     print(f"exported the weights of {checkpoint.resolve(args.checkpoint)} to {out}")

@@ -76,9 +76,12 @@ def test_cli_set_overrides_every_trial_and_reports_when_nothing_completed(
     run_file, space_file = run_files
     process = treadle_cli(
         "search", run_file, "--space", space_file, "--trials", "1", "--output-dir", "out",
-        "--set", "max_steps=3", "--metric", "eval/missing", cwd=tmp_path,
+        "--set", "max_steps=3", "--set", "optimizer.momentum=0.5", "--metric", "eval/missing",
+        cwd=tmp_path,
     )  # fmt: skip
     output, _ = process.communicate(timeout=100)
     assert process.returncode != 0
     assert "never logged 'eval/missing'" in output
-    assert runfile.read(tmp_path / "out" / "trial-0000" / "run.toml")["config"]["max_steps"] == 3
+    trial = runfile.read(tmp_path / "out" / "trial-0000" / "run.toml")
+    assert trial["config"]["max_steps"] == 3
+    assert trial["optimizer"]["momentum"] == 0.5  # a dotted key, as treadle run reads it

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from treadle import ConfigError
+from treadle.cli import apply_overrides, parse_key_values
 from treadle_optuna import runfile
 from treadle_optuna.search import _PRUNERS, _SAMPLERS, search
 
@@ -52,22 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override a config field of the run file in every trial (as for treadle run)",
+        help="override a value of the run file in every trial, as for treadle run "
+        "(max_steps=100, optimizer.lr=1e-3, ...)",
     )
     return parser
-
-
-def _overrides(items: Sequence[str] | None) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        try:
-            values[key.strip()] = tomllib.loads(f"v = {text.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key.strip()] = text.strip()
-    return values
 
 
 def main(arguments: Sequence[str]) -> int:
@@ -75,10 +61,9 @@ def main(arguments: Sequence[str]) -> int:
     run_file = Path(args.run_file)
     study_name = args.study_name or run_file.stem
     output_dir = Path(args.output_dir or Path("runs/search") / study_name)
-    overrides = _overrides(args.set)
+    overrides = parse_key_values("--set", args.set)
     if overrides:  # the searched file: the run file with its overrides, next to the trials
-        spec = runfile.read(run_file)
-        spec["config"] = {**spec.get("config", {}), **overrides}
+        spec = apply_overrides(runfile.read(run_file), overrides)
         # kept beside the original: the modules its import paths name are found from there
         run_file = runfile.write(
             run_file.with_name(f".{run_file.stem}.search.toml"), spec, f"{args.run_file} with --set"
