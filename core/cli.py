@@ -22,7 +22,8 @@ from treadle import defaults, hookspecs, registry
 from treadle.components import Strategy
 from treadle.config import Config
 from treadle.errors import ConfigError, TreadleError
-from treadle.run import Run, _component, seed_everything
+from treadle.registry import component
+from treadle.run import Run, seed_everything
 
 __all__ = ["apply_overrides", "build_run", "main", "parse_key_values"]
 
@@ -166,7 +167,7 @@ def build_run(path: str | Path, overrides: Mapping[str, Any] | None = None) -> R
     seed_everything(config.seed)  # the model factory draws its initial weights from here
     # the strategy first: a large model is built in its model-init context (meta, ZeRO-3)
     with _naming(path, "strategy"):
-        strategy = _component("strategy", spec.get("strategy", "single"), Strategy)
+        strategy = component("strategy", spec.get("strategy", "single"), Strategy)
     with _naming(path, "model"), strategy.model_init_context():
         model = _call_factory("model", spec["model"])
     kwargs: dict[str, Any] = {"config": config, "strategy": strategy}

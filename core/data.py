@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["ResumableSampler", "with_sampler"]
+__all__ = ["ResumableSampler", "describe_data", "length_of", "with_sampler"]
 
 
 class ResumableSampler(Sampler[int]):
@@ -95,3 +95,26 @@ def with_sampler(
         persistent_workers=loader.persistent_workers,
         prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
     )
+
+
+def describe_data(data: Any) -> str:
+    """``data`` in words for messages: its type and length, and a DataLoader's batching."""
+    name = type(data).__name__
+    length = length_of(data)
+    if isinstance(data, torch.utils.data.DataLoader):
+        return (
+            f"a DataLoader of {length} batches (batch_size={data.batch_size}, "
+            f"drop_last={data.drop_last}) over {describe_data(data.dataset)}"
+        )
+    if isinstance(data, Iterator):
+        return f"a {name} (an iterator: it can be iterated once only)"
+    if length is None:
+        return f"a {name} (no length)"
+    return f"a {name} of length {length}"
+
+
+def length_of(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None

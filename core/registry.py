@@ -17,17 +17,26 @@ declares (objects passed to ``treadle.Run`` still work). ``treadle plugins`` say
 from __future__ import annotations
 
 import functools
+import inspect
 import os
-from collections.abc import Iterator
+import types
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import importlib_metadata
 
-from treadle.errors import PluginLoadError, TreadleError, UnknownNameError
+from treadle.errors import (
+    ConfigError,
+    PluginError,
+    PluginLoadError,
+    TreadleError,
+    UnknownNameError,
+)
 
 __all__ = [
-    "KINDS", "Entry", "Option", "adapt", "blocked", "entries", "installed", "load", "options",
-    "refresh",
+    "KINDS", "Entry", "Option", "adapt", "blocked", "component", "describe", "entries",
+    "factory", "installed", "instantiate", "jsonable", "load", "options", "plugin", "refresh",
+    "split_spec",
 ]  # fmt: skip
 
 #: the distribution whose names ``TREADLE_DISABLE_PLUGIN_AUTOLOAD`` keeps
@@ -240,3 +249,124 @@ def adapt(obj: object) -> tuple[str, object] | None:
         if plugin is not None:
             return name, plugin
     return None
+
+
+# ------------------------------------------------------------------ building from specs
+
+
+def describe(spec: Any) -> Any:
+    if spec is None or isinstance(spec, str | int | float | bool):
+        return spec
+    if isinstance(spec, tuple) and len(spec) == 2:
+        factory, options = spec
+        return {"name": getattr(factory, "__name__", str(factory)), **jsonable(options)}
+    if isinstance(spec, Mapping):
+        return jsonable(spec)
+    return type(spec).__name__
+
+
+def jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: v if isinstance(v, str | int | float | bool | type(None)) else repr(v)
+        for k, v in options.items()
+    }
+
+
+def split_spec(kind: str, spec: Any) -> tuple[str, dict[str, Any]] | None:
+    """``"name"`` or ``{"name": ..., **options}`` → (name, options); anything else → None."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        name = options.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"a {kind} given as a mapping needs a 'name' key, got {dict(spec)!r}")
+        return name, options
+    return None
+
+
+def instantiate(kind: str, name: str, target: Any, options: Mapping[str, Any]) -> Any:
+    try:
+        inspect.signature(target).bind(**options)
+    except TypeError as exc:
+        try:
+            allowed = ", ".join(
+                p
+                for p in inspect.signature(target).parameters
+                if p not in ("self", "args", "kwargs")
+            )
+        except (TypeError, ValueError):
+            allowed = "?"
+        raise ConfigError(
+            f"{kind} {name!r}: invalid options {sorted(options)}: {exc}. Allowed options: {allowed or 'none'}"
+        ) from None
+    except ValueError:
+        pass  # no signature to check (a builtin): the call below says what is wrong
+    try:
+        return target(**options)
+    except TreadleError:
+        raise  # already names what to fix
+    except Exception as exc:
+        shown = f" with options {jsonable(options)}" if options else ""
+        message = f"building it{shown} raised {type(exc).__name__}: {exc}"
+        if kind == "plugin":
+            raise PluginError(name, "__init__", message) from exc
+        raise ConfigError(f"{kind} {name!r}: {message}") from exc
+
+
+def component(kind: str, spec: Any, base: type) -> Any:
+    split = split_spec(kind, spec)
+    if split is None:
+        if isinstance(spec, base):
+            return spec
+        raise ConfigError(
+            f"{kind} must be a name, a {{'name': ..., **options}} mapping or a "
+            f"{base.__module__}.{base.__qualname__} instance; got {type(spec).__name__}"
+        )
+    name, options = split
+    target = load(kind, name)
+    component = instantiate(kind, name, target, options)
+    if not isinstance(component, base):
+        raise TreadleError(
+            f"{kind} {name!r} built a {type(component).__name__}, which is not a {base.__qualname__}"
+        )
+    return component
+
+
+def factory(kind: str, spec: Any, instance_type: type) -> Any:
+    """Optimizer / scheduler: resolved to (factory, options) now, built at fit."""
+    split = split_spec(kind, spec)
+    if split is not None:
+        name, options = split
+        factory = load(kind, name)
+        return factory, options
+    if isinstance(spec, instance_type) and instance_type is not object:
+        return spec
+    if callable(spec):
+        return spec, {}
+    if instance_type is object and hasattr(spec, "step"):
+        return spec
+    raise ConfigError(
+        f"{kind} must be a name, a {{'name': ..., **options}} mapping, an instance or a callable; got {type(spec).__name__}"
+    )
+
+
+def plugin(spec: Any) -> tuple[object, str]:
+    split = split_spec("plugin", spec)
+    if split is not None:
+        name, options = split
+        target = load("plugin", name)
+        if isinstance(target, type):
+            return instantiate("plugin", name, target, options), name
+        if options:
+            raise ConfigError(
+                f"plugin {name!r} is a module and takes no options, got {sorted(options)}"
+            )
+        return target, name
+    if isinstance(spec, types.ModuleType):
+        return spec, spec.__name__
+    if isinstance(spec, type):
+        raise ConfigError(
+            f"plugin {spec.__qualname__} is a class: pass an instance, {spec.__qualname__}(...)"
+        )
+    return spec, getattr(spec, "name", None) or type(spec).__name__

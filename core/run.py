@@ -19,7 +19,7 @@ import pluggy
 import torch
 from torch import nn
 
-from treadle import defaults, hookspecs, lock, loop, registry, tracing
+from treadle import defaults, evaluation, hookspecs, lock, loop, registry, tracing
 from treadle.components import CheckpointFormat, Logger, Precision, Strategy
 from treadle.config import Config
 from treadle.errors import ConfigError, PluginError, Preempted, TreadleError, TreadleWarning
@@ -99,24 +99,26 @@ class Run:
         self.state = State()
         self._check_composition()
 
-        self.strategy: Strategy = _component("strategy", strategy, Strategy)
+        self.strategy: Strategy = registry.component("strategy", strategy, Strategy)
         if precision is not None and self.strategy.owns_precision:
             raise ConfigError(
                 f"strategy {self.strategy.name!r} manages numeric precision itself, so a separate "
-                f"precision plugin ({_describe(precision)}) cannot be combined with it; configure "
+                f"precision plugin ({registry.describe(precision)}) cannot be combined with it; configure "
                 f"precision through the strategy's options instead"
             )
-        self.precision: Precision = _component("precision", precision or "fp32", Precision)
+        self.precision: Precision = registry.component("precision", precision or "fp32", Precision)
         self.strategy.precision = self.precision
-        self.optimizer_spec = _factory_spec("optimizer", optimizer, torch.optim.Optimizer)
+        self.optimizer_spec = registry.factory("optimizer", optimizer, torch.optim.Optimizer)
         self.scheduler_spec = (
-            None if scheduler is None else _factory_spec("scheduler", scheduler, object)
+            None if scheduler is None else registry.factory("scheduler", scheduler, object)
         )
         self.loggers: list[Logger] = [
-            _component("logger", s, Logger) for s in defaults.sequence_of(loggers)
+            registry.component("logger", s, Logger) for s in defaults.sequence_of(loggers)
         ]
         self.checkpoint_format: CheckpointFormat | None = (
-            None if checkpoint is None else _component("checkpoint", checkpoint, CheckpointFormat)
+            None
+            if checkpoint is None
+            else registry.component("checkpoint", checkpoint, CheckpointFormat)
         )
         if self.config.resume is not None and self.checkpoint_format is None:
             raise ConfigError("Config.resume is set but checkpoint=None: name a checkpoint format")
@@ -198,8 +200,8 @@ class Run:
         names = {
             "strategy": self.strategy.name,
             "precision": self.precision.name,
-            "optimizer": _describe(self.optimizer_spec),
-            "scheduler": _describe(self.scheduler_spec),
+            "optimizer": registry.describe(self.optimizer_spec),
+            "scheduler": registry.describe(self.scheduler_spec),
             "checkpoint": self.checkpoint_format.name if self.checkpoint_format else None,
         }
         return {**self.config.to_dict(), **names}
@@ -332,12 +334,12 @@ class Run:
 
     def evaluate(self, data: Any = None) -> dict[str, float]:
         """Evaluate on ``data`` (or the run's eval data); returns and logs the metrics."""
-        metrics: dict[str, float] = self._guarded(loop.evaluate, self, data)
+        metrics: dict[str, float] = self._guarded(evaluation.evaluate, self, data)
         return metrics
 
     def predict(self, data: Any) -> list[Any]:
         """Run ``predict_step`` over ``data``; returns every batch's outputs, in order."""
-        predictions: list[Any] = self._guarded(loop.predict, self, data)
+        predictions: list[Any] = self._guarded(evaluation.predict, self, data)
         return predictions
 
     def save(self) -> Path:
@@ -428,7 +430,7 @@ class Run:
 
     def _register_plugin(self, spec: Any) -> None:
         """A ``plugins=`` entry: it must implement a hook, or it would silently do nothing."""
-        plugin, name = _plugin(spec)
+        plugin, name = registry.plugin(spec)
         undecorated = _undecorated_hooks(plugin)
         self._register(plugin, name)
         if not self.plugin_manager.get_hookcallers(plugin):
@@ -446,7 +448,7 @@ class Run:
                 else ""
             )
             raise ConfigError(
-                f"plugin {name!r} ({_describe(spec)}) implements no treadle hook, so it would do "
+                f"plugin {name!r} ({registry.describe(spec)}) implements no treadle hook, so it would do "
                 f"nothing.{found} Decorate its hook methods with @treadle.hookimpl (see "
                 "treadle.hookspecs for the hooks). If it is a callback written for another "
                 "library, install the treadle adapter package that accepts it."
@@ -633,7 +635,7 @@ class Run:
             if self._listeners.get(f"make_{kind}") is not getattr(defaults, f"make_{kind}"):
                 raise
             raise ConfigError(
-                f"{kind} {_describe(spec)}: building it raised {type(exc).__name__}: {exc}"
+                f"{kind} {registry.describe(spec)}: building it raised {type(exc).__name__}: {exc}"
             ) from exc
 
     @contextlib.contextmanager
@@ -783,121 +785,3 @@ def _hook_in(message: str) -> str:
         if word.startswith(("on_", "make_")) or word in _PROVIDERS:
             return word
     return "?"
-
-
-def _describe(spec: Any) -> Any:
-    if spec is None or isinstance(spec, str | int | float | bool):
-        return spec
-    if isinstance(spec, tuple) and len(spec) == 2:
-        factory, options = spec
-        return {"name": getattr(factory, "__name__", str(factory)), **_jsonable(options)}
-    if isinstance(spec, Mapping):
-        return _jsonable(spec)
-    return type(spec).__name__
-
-
-def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        k: v if isinstance(v, str | int | float | bool | type(None)) else repr(v)
-        for k, v in options.items()
-    }
-
-
-def _split_spec(kind: str, spec: Any) -> tuple[str, dict[str, Any]] | None:
-    """``"name"`` or ``{"name": ..., **options}`` → (name, options); anything else → None."""
-    if isinstance(spec, str):
-        return spec, {}
-    if isinstance(spec, Mapping):
-        options = dict(spec)
-        name = options.pop("name", None)
-        if not isinstance(name, str):
-            raise ConfigError(f"a {kind} given as a mapping needs a 'name' key, got {dict(spec)!r}")
-        return name, options
-    return None
-
-
-def _instantiate(kind: str, name: str, target: Any, options: Mapping[str, Any]) -> Any:
-    try:
-        inspect.signature(target).bind(**options)
-    except TypeError as exc:
-        try:
-            allowed = ", ".join(
-                p
-                for p in inspect.signature(target).parameters
-                if p not in ("self", "args", "kwargs")
-            )
-        except (TypeError, ValueError):
-            allowed = "?"
-        raise ConfigError(
-            f"{kind} {name!r}: invalid options {sorted(options)}: {exc}. Allowed options: {allowed or 'none'}"
-        ) from None
-    except ValueError:
-        pass  # no signature to check (a builtin): the call below says what is wrong
-    try:
-        return target(**options)
-    except TreadleError:
-        raise  # already names what to fix
-    except Exception as exc:
-        shown = f" with options {_jsonable(options)}" if options else ""
-        message = f"building it{shown} raised {type(exc).__name__}: {exc}"
-        if kind == "plugin":
-            raise PluginError(name, "__init__", message) from exc
-        raise ConfigError(f"{kind} {name!r}: {message}") from exc
-
-
-def _component(kind: str, spec: Any, base: type) -> Any:
-    split = _split_spec(kind, spec)
-    if split is None:
-        if isinstance(spec, base):
-            return spec
-        raise ConfigError(
-            f"{kind} must be a name, a {{'name': ..., **options}} mapping or a "
-            f"{base.__module__}.{base.__qualname__} instance; got {type(spec).__name__}"
-        )
-    name, options = split
-    target = registry.load(kind, name)
-    component = _instantiate(kind, name, target, options)
-    if not isinstance(component, base):
-        raise TreadleError(
-            f"{kind} {name!r} built a {type(component).__name__}, which is not a {base.__qualname__}"
-        )
-    return component
-
-
-def _factory_spec(kind: str, spec: Any, instance_type: type) -> Any:
-    """Optimizer / scheduler: resolved to (factory, options) now, built at fit."""
-    split = _split_spec(kind, spec)
-    if split is not None:
-        name, options = split
-        factory = registry.load(kind, name)
-        return factory, options
-    if isinstance(spec, instance_type) and instance_type is not object:
-        return spec
-    if callable(spec):
-        return spec, {}
-    if instance_type is object and hasattr(spec, "step"):
-        return spec
-    raise ConfigError(
-        f"{kind} must be a name, a {{'name': ..., **options}} mapping, an instance or a callable; got {type(spec).__name__}"
-    )
-
-
-def _plugin(spec: Any) -> tuple[object, str]:
-    split = _split_spec("plugin", spec)
-    if split is not None:
-        name, options = split
-        target = registry.load("plugin", name)
-        if isinstance(target, type):
-            return _instantiate("plugin", name, target, options), name
-        if options:
-            raise ConfigError(
-                f"plugin {name!r} is a module and takes no options, got {sorted(options)}"
-            )
-        return target, name
-    if isinstance(spec, types.ModuleType):
-        return spec, spec.__name__
-    if isinstance(spec, type):
-        raise ConfigError(
-            f"plugin {spec.__qualname__} is a class: pass an instance, {spec.__qualname__}(...)"
-        )
-    return spec, getattr(spec, "name", None) or type(spec).__name__

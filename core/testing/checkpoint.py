@@ -23,9 +23,9 @@ __all__ = ["CheckpointConformance"]
 
 
 def _build(spec: Any) -> CheckpointFormat:
-    from treadle.run import _component
+    from treadle.registry import component
 
-    component = _component("checkpoint", fresh(spec), CheckpointFormat)
+    component = component("checkpoint", fresh(spec), CheckpointFormat)
     assert isinstance(component, CheckpointFormat)
     return component
 

@@ -20,9 +20,9 @@ __all__ = ["PrecisionConformance"]
 
 
 def _build(spec: Any) -> Precision:
-    from treadle.run import _component
+    from treadle.registry import component
 
-    component = _component("precision", fresh(spec), Precision)
+    component = component("precision", fresh(spec), Precision)
     assert isinstance(component, Precision)
     return component
 
