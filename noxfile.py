@@ -28,6 +28,13 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
+@nox.session(python=False)
+def shape(session: nox.Session) -> None:
+    """The kernel's size and shape against its budget (tests/shape.py): code lines of core/,
+    the length of ``fit``, nesting depth, no private attribute of ``Run`` used outside run.py."""
+    session.run("python", "-m", "tests.shape")
+
+
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the kernel, checked as the package ``treadle`` it is installed as."""

@@ -5,7 +5,6 @@ The kernel is a small event loop (``treadle.loop``) that emits a pluggy hook at 
 formats and callbacks are plugins found through package entry points (``treadle.registry``).
 """
 
-from treadle.checkpoint import load_weights
 from treadle.components import CheckpointFormat, Logger, Precision, Strategy
 from treadle.config import Config
 from treadle.errors import (
@@ -20,6 +19,7 @@ from treadle.errors import (
     UnknownNameError,
 )
 from treadle.hookspecs import hookimpl, hookspec
+from treadle.resume import load_weights
 from treadle.run import Run, seed_everything
 from treadle.state import LossSum, State
 

@@ -1,18 +1,16 @@
-"""Checkpoint directories that are never half-written: save, verify, rotate, resume, export.
+"""Checkpoint directories that are never half-written: save, publish, rotate, verify, find.
 
 The directory protocol is the kernel's; the files for tensors are the checkpoint format's. A
 checkpoint is written under a temporary name, every file is fsynced and listed with its size
 and SHA-256 in ``manifest.json``, the directory is renamed into place, and only then does
 ``latest`` move and do old checkpoints get deleted. A crash at any instant leaves the previous
-checkpoint whole. Everything loads from JSON or from the format's tensor files: nothing is
-unpickled. The layout is documented in ``docs/checkpoints.md``.
+checkpoint whole. Reading one back into a run is ``treadle.resume``'s. The layout is
+documented in ``docs/checkpoints.md``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -25,37 +23,25 @@ import typing
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import attrs
 import numpy as np
 import torch
 from torch import nn
 
-from treadle import registry
 from treadle.components import CheckpointFormat
 from treadle.data import ResumableSampler
-from treadle.errors import CheckpointError, ConfigError, TreadleError, TreadleWarning
-from treadle.state import State
+from treadle.errors import CheckpointError, TreadleError, TreadleWarning
 
 if TYPE_CHECKING:
     from treadle.config import Config
     from treadle.run import Run
 
 __all__ = [
-    "export",
-    "find_resumable",
-    "finish_pending",
-    "load",
-    "load_weights",
-    "resolve",
-    "resume",
-    "rng_preserved",
-    "save",
-    "verify",
-]
+    "checkpoints_dir", "find_resumable", "finish_pending", "resolve", "save", "verify",
+    "write_folder",
+]  # fmt: skip
 
 MANIFEST = "manifest.json"
 STATE = "state.json"
@@ -127,9 +113,10 @@ def save(run: Run, *, background: bool = False) -> Path:
             {stem: _encoded(value, background) for stem, value in states.items()},
             _meta(run, fmt),
         )
-    run._last_save_step = state.step
+    run.fit_state.last_save_step = state.step
     if background:
-        _IN_FLIGHT[run] = _InFlight(final, _start_writing(files, root, final, run.config))
+        writer = _IN_FLIGHT[run] = _Writer(files, root, final, run.config)
+        writer.start()
         return final
     if files is not None:
         files.write()
@@ -162,42 +149,28 @@ class _Files(NamedTuple):
         _write_json(self.directory / STATE, self.meta)
 
 
-class _InFlight(NamedTuple):
-    final: Path
-    thread: _Writer
-
-
 class _Writer(threading.Thread):
     """The background half of a save: write, fsync, publish, rotate; keeps its error."""
 
-    def __init__(self, work: Callable[[], None]) -> None:
+    def __init__(self, files: _Files | None, root: Path, final: Path, config: Config) -> None:
         # not a daemon: an interpreter that exits while a save is in flight finishes it first
         super().__init__(name="treadle-checkpoint-writer")
-        self.work = work
+        self.files, self.root, self.final, self.config = files, root, final, config
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        if self.files is None:
+            return  # not the main process: its RNG file is written already
         try:
-            self.work()
+            self.files.write()
+            _write_manifest(self.files.directory)
+            _publish(self.root, self.files.directory, self.final)
+            _rotate(self.config, self.root, self.final)
         except BaseException as exc:  # reported on the training thread by finish_pending
             self.error = exc
 
 
-_IN_FLIGHT: weakref.WeakKeyDictionary[Run, _InFlight] = weakref.WeakKeyDictionary()
-
-
-def _start_writing(files: _Files | None, root: Path, final: Path, config: Any) -> _Writer:
-    def work() -> None:
-        if files is None:
-            return  # not the main process: its RNG file is written already
-        files.write()
-        _write_manifest(files.directory)
-        _publish(root, files.directory, final)
-        _rotate(config, root, final)
-
-    writer = _Writer(work)
-    writer.start()
-    return writer
+_IN_FLIGHT: weakref.WeakKeyDictionary[Run, _Writer] = weakref.WeakKeyDictionary()
 
 
 def finish_pending(run: Run) -> Path | None:
@@ -206,20 +179,20 @@ def finish_pending(run: Run) -> Path | None:
     Every rank calls it at the same points (before a save, at the end of ``fit``), so a
     failure on the writing rank raises on all of them.
     """
-    pending = _IN_FLIGHT.pop(run, None)
-    if pending is None:
+    writer = _IN_FLIGHT.pop(run, None)
+    if writer is None:
         return None
-    pending.thread.join()
-    error = pending.thread.error
+    writer.join()
+    error, final = writer.error, writer.final
     if run.strategy.agree(int(error is not None)):
-        tmp = pending.final.with_name(f".{pending.final.name}.tmp")
+        tmp = final.with_name(f".{final.name}.tmp")
         raise CheckpointError(
-            f"the background save of {pending.final.name} failed"
+            f"the background save of {final.name} failed"
             + (" on another rank" if error is None else f": {type(error).__name__}: {error}")
             + f"; the previous checkpoint is whole, and {tmp.name} is removed at the next save"
         ) from error
-    _saved(run, pending.final)
-    return pending.final
+    _saved(run, final)
+    return final
 
 
 def _saved(run: Run, final: Path) -> None:
@@ -305,6 +278,28 @@ def _recover(root: Path) -> None:
     _fsync_dir(root)
 
 
+def write_folder(out: Path, write: Callable[[Path], Any], meta: Mapping[str, Any]) -> Path:
+    """Write a folder that treadle verifies and reads as it does a checkpoint (``treadle
+    export`` writes one): ``write(directory)`` writes the files into a temporary sibling of
+    ``out``; ``meta`` becomes its ``state.json``, a manifest lists every file, and it is
+    renamed to ``out`` (an empty directory there is replaced). A failure leaves nothing."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    _remove_tree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _write_json(tmp / STATE, dict(meta))
+        _write_manifest(tmp)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    return out
+
+
 def _remove_tree(path: Path) -> None:
     """Delete ``path`` whatever it is; a link is unlinked, never followed."""
     if path.is_symlink() or (os.path.lexists(path) and not path.is_dir()):
@@ -336,12 +331,11 @@ def _meta(run: Run, fmt: CheckpointFormat) -> dict[str, Any]:
     # A checkpoint is ranked by the monitored metric only if it was logged at this very step:
     # an older value would describe other weights.
     metric = None
-    if config.monitor is not None and run._monitor_step == state.step:
+    if config.monitor is not None and run.fit_state.monitor_step == state.step:
         value = state.last_metrics.get(config.monitor)
         if isinstance(value, int | float) and math.isfinite(value):
             metric = float(value)
-    loader = getattr(run, "_train_loader", None)
-    sampler = getattr(loader, "sampler", None)
+    sampler = getattr(run.fit_state.train_loader, "sampler", None)
     sampler_state = sampler.state_dict() if isinstance(sampler, ResumableSampler) else None
     return {
         "layout": LAYOUT_VERSION,
@@ -351,7 +345,7 @@ def _meta(run: Run, fmt: CheckpointFormat) -> dict[str, Any]:
         "data": {
             "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch,
-            "batches_per_epoch": run._batches_per_epoch,
+            "batches_per_epoch": run.fit_state.batches_per_epoch,
             "sampler": sampler_state,
         },
         "world_size": run.strategy.world_size,
@@ -360,8 +354,8 @@ def _meta(run: Run, fmt: CheckpointFormat) -> dict[str, Any]:
         "metric": metric,
         # a final stop at this step (resuming trains no further; not a preemption, not a
         # limit: a larger max_steps trains on), and why an emergency checkpoint was written
-        "stopped": run._final_stop if run._stopping else None,
-        "emergency": run._emergency,
+        "stopped": run.fit_state.final_stop if run.fit_state.stopping else None,
+        "emergency": run.fit_state.emergency,
     }
 
 
@@ -449,25 +443,32 @@ def _regular_files(directory: Path) -> dict[str, int]:
             socket, or it cannot be listed.
     """
     found: dict[str, int] = {}
-    pending = [(directory, "")]
     try:
         if not stat.S_ISDIR(os.lstat(directory).st_mode):
             raise CheckpointError(f"{directory}: {_kind(os.lstat(directory).st_mode)}")
-        while pending:
-            folder, prefix = pending.pop()
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    mode = entry.stat(follow_symlinks=False).st_mode
-                    name = prefix + entry.name
-                    if stat.S_ISDIR(mode):
-                        pending.append((Path(entry.path), name + "/"))
-                    elif stat.S_ISREG(mode):
-                        found[name] = entry.stat(follow_symlinks=False).st_size
-                    else:
-                        raise CheckpointError(f"{directory / name}: {_kind(mode)}")
+        for name, info in _tree(directory):
+            if not stat.S_ISREG(info.st_mode):
+                raise CheckpointError(f"{directory / name}: {_kind(info.st_mode)}")
+            found[name] = info.st_size
     except OSError as exc:
         raise CheckpointError(f"{directory}: cannot be listed ({exc})") from exc
     return found
+
+
+def _tree(directory: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """``(relative name, lstat)`` of everything under ``directory`` but its folders."""
+    pending = [(directory, "")]
+    while pending:
+        folder, prefix = pending.pop()
+        with os.scandir(folder) as entries:
+            listed = [
+                (Path(e.path), prefix + e.name, e.stat(follow_symlinks=False)) for e in entries
+            ]
+        for path, name, info in listed:
+            if stat.S_ISDIR(info.st_mode):
+                pending.append((path, name + "/"))
+            else:
+                yield name, info
 
 
 def _kind(mode: int) -> str:
@@ -520,41 +521,39 @@ def find_resumable(root: Path) -> Path | None:
     Raises:
         CheckpointError: there are checkpoints, but none of them verifies.
     """
-    candidates = _candidates(Path(root))
+    return _newest_good(Path(root), lambda path: None)
+
+
+def _newest_good(root: Path, load: Callable[[Path], None]) -> Path | None:
+    """The newest ``step-NNNNNN`` in ``root`` that verifies and that ``load`` takes (a
+    ``CheckpointError`` refuses it); the others are skipped with a warning saying why.
+
+    Raises:
+        CheckpointError: there are checkpoints, but none of them verifies and loads.
+    """
+    _checked_root(root)
+    names = os.listdir(root) if root.is_dir() else []  # links too: verify says why they are refused
+    candidates = sorted((root / n for n in names if _STEP_DIR.match(n)), key=_step_of, reverse=True)
     for path in candidates:
         problems = verify(path)
         if not problems:
-            return path
-        _warn_skipped(path, "; ".join(problems))
+            try:
+                load(path)
+                return path
+            except CheckpointError as exc:
+                problems = [str(exc)]
+        warnings.warn(
+            f"skipping damaged checkpoint {path}: {'; '.join(problems)}; trying the previous one",
+            TreadleWarning,
+            stacklevel=3,  # the caller of find_resumable or of treadle.resume.resume
+        )
     if candidates:
-        raise _all_damaged(root)
+        # Starting over would silently throw away the run: a person should decide.
+        raise CheckpointError(
+            f"every checkpoint in {root} is damaged (see the warnings above); move them away "
+            "to start afresh, or pass Config.resume a checkpoint path"
+        )
     return None
-
-
-def _candidates(root: Path) -> list[Path]:
-    """Every ``step-NNNNNN`` entry in ``root`` (links too: verify says why they are refused),
-    newest first."""
-    _checked_root(root)
-    if not root.is_dir():
-        return []
-    names = [name for name in os.listdir(root) if _STEP_DIR.match(name)]
-    return sorted((root / name for name in names), key=_step_of, reverse=True)
-
-
-def _warn_skipped(path: Path, why: str) -> None:
-    warnings.warn(
-        f"skipping damaged checkpoint {path}: {why}; trying the previous one",
-        TreadleWarning,
-        stacklevel=3,
-    )
-
-
-def _all_damaged(root: Path) -> CheckpointError:
-    # Starting over would silently throw away the run: a person should decide.
-    return CheckpointError(
-        f"every checkpoint in {root} is damaged (see the warnings above); move them away "
-        "to start afresh, or pass Config.resume a checkpoint path"
-    )
 
 
 def resolve(path: Path | str) -> Path:
@@ -594,420 +593,6 @@ def _step_dirs(root: Path) -> list[Path]:
 def _step_of(path: Path) -> int:
     match = _STEP_DIR.match(path.name)
     return int(match.group(1)) if match else -1
-
-
-# ------------------------------------------------------------------ load
-
-
-def resume(run: Run) -> None:
-    """Apply ``Config.resume``: "auto" (newest valid checkpoint, or a fresh start) or a path.
-
-    With "auto", a checkpoint that does not verify or does not load is skipped with a warning
-    saying why, in favour of the previous one. An explicit path must verify and load.
-    """
-    root = checkpoints_dir(run)
-    if run.is_main_process:
-        _recover(root)
-    run.strategy.barrier()
-    spec = run.config.resume
-    if spec != "auto":
-        path = resolve(str(spec))
-        problems = verify(path)
-        if problems:
-            raise CheckpointError(f"cannot resume from {path}: {'; '.join(problems)}")
-        load(run, path)
-        return
-    candidates = _candidates(root)
-    for path in candidates:
-        problems = verify(path)
-        if not problems:
-            try:
-                load(run, path)
-                return
-            except CheckpointError as exc:
-                problems = [str(exc)]
-        _warn_skipped(path, "; ".join(problems))
-    if candidates:
-        raise _all_damaged(root)
-    run._resumed = True
-
-
-def load(run: Run, path: Path) -> None:
-    """Restore weights, optimizer, scheduler, precision, RNG, state and plugins' state.
-
-    Everything is read and checked before anything in the run changes, so a damaged
-    checkpoint (even one with a consistent manifest) fails with a ``CheckpointError`` naming
-    the file and the field and leaves the run as it was.
-    """
-    fmt, strategy = run.checkpoint_format, run.strategy
-    assert fmt is not None
-    meta = _checked_meta(path)
-    if meta.get("weights_only"):
-        raise CheckpointError(
-            f"{path} holds weights only (an export), not training state; resume from a "
-            "checkpoint directory, or load these weights with treadle.load_weights(model, path)"
-        )
-    if "state" not in meta:
-        raise CheckpointError(f"{path / STATE}: field 'state' is missing")
-    if meta["format"] != fmt.name:
-        raise TreadleError(
-            f"checkpoint {path} was written by format {meta['format']!r}, but this run uses "
-            f"{fmt.name!r}; pass checkpoint={meta['format']!r}"
-        )
-    state = _checked_state(path / STATE, meta["state"])
-    rng = _read_rng(path, strategy.rank, meta.get("world_size"), run.device)
-    # Read (and check) every piece first; apply only when all of it is good.
-    optimizer_state = scheduler_state = None
-    if not fmt.sharded:
-        model_state = fmt.load_model(path, run.model)
-        if run.optimizer is not None and (path / "optimizer.json").exists():
-            optimizer_state = _load_state(fmt, path, "optimizer")
-            _check_optimizer_state(path / "optimizer.json", optimizer_state, run.optimizer)
-    if run.scheduler is not None and (path / "scheduler.json").exists():
-        scheduler_state = _load_state(fmt, path, "scheduler")
-        _check_like(path / "scheduler.json", scheduler_state, run.scheduler.state_dict(), "value")
-    precision_state = _load_state(fmt, path, "precision")
-    plugin_state = _load_state(fmt, path, "plugins")
-    if not isinstance(plugin_state, dict):
-        raise CheckpointError(f"{path / 'plugins.json'}: field 'value' must be an object")
-    _check_data_position(run, path, meta.get("data") or {})
-    with _applying(path):
-        if scheduler_state is not None and run.scheduler is not None:
-            run.scheduler.load_state_dict(scheduler_state)
-        if optimizer_state is not None and run.optimizer is not None:
-            strategy.load_optimizer_state_dict(run.optimizer, optimizer_state)
-        if fmt.sharded:
-            _load_sharded(run, fmt, path)
-        else:
-            strategy.load_model_state_dict(run.wrapped_model, model_state)
-        run.precision.load_state_dict(precision_state)
-    for key, value in state.items():
-        setattr(run.state, key, value)
-    # Why the saving process stopped is not this one's reason, unless the stop was final (an
-    # early stop): then the run stays stopped (loop.fit returns at once) until run.clear_stop().
-    run._resumed_stop = run.state.stop_reason = meta.get("stopped")
-    _set_rng_state(rng, run.device)
-    run.resumed_from = path
-    run.emit("on_load_checkpoint", run=run, plugin_state=plugin_state)
-    run.last_checkpoint = path
-    run._last_save_step = run.state.step
-    run._resumed = True
-
-
-@contextlib.contextmanager
-def _applying(path: Path) -> Iterator[None]:
-    """Name the checkpoint when torch refuses a state the checks above let through."""
-    try:
-        yield
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-        raise CheckpointError(
-            f"cannot restore {path}: {type(exc).__name__}: {exc}; the run may be partly "
-            "restored, so start it again (resume='auto' then tries the previous checkpoint)"
-        ) from exc
-
-
-#: ``state.json``: the type of every field the kernel reads (others are ignored).
-_META_FIELDS: dict[str, Any] = {
-    "layout": int,
-    "format": str,
-    "step": int,
-    "state": dict,
-    "data": dict | None,
-    "world_size": int,
-    "monitor": str | None,
-    "monitor_mode": str | None,
-    "metric": float | None,
-    "weights_only": bool,
-    "source": str,
-    "stopped": str | None,
-}
-_DATA_FIELDS: dict[str, Any] = {
-    "epoch": int,
-    "batch_in_epoch": int,
-    "batches_per_epoch": int | None,
-    "sampler": dict | None,
-}
-
-
-def _checked_meta(path: Path) -> dict[str, Any]:
-    """``state.json`` of the checkpoint at ``path``, every field the kernel reads checked."""
-    file = path / STATE
-    meta: dict[str, Any] = _read_json(file)
-    _check_fields(file, meta, _META_FIELDS, "")
-    _check_fields(file, meta.get("data") or {}, _DATA_FIELDS, "data.")
-    if "format" not in meta:
-        raise CheckpointError(f"{file}: field 'format' is missing")
-    return meta
-
-
-def _checked_state(file: Path, values: dict[str, Any]) -> dict[str, Any]:
-    """The saved ``run.state``: exactly the fields of ``State``, each of its declared type."""
-    types = _state_types()
-    unknown, missing = values.keys() - types.keys(), types.keys() - values.keys()
-    if unknown or missing:
-        raise CheckpointError(
-            f"{file}: field 'state' has unknown fields {sorted(unknown)} and lacks "
-            f"{sorted(missing)}; it must have exactly {sorted(types)}"
-        )
-    _check_fields(file, values, types, "state.")
-    return values
-
-
-@cache
-def _state_types() -> dict[str, Any]:
-    return {f.name: f.type for f in attrs.fields(attrs.resolve_types(State))}
-
-
-def _check_fields(file: Path, values: Mapping[str, Any], types: Mapping[str, Any], at: str) -> None:
-    for key, kind in types.items():
-        if key in values and not _is_a(values[key], kind):
-            raise CheckpointError(
-                f"{file}: field {at + key!r} must be {kind}, got {values[key]!r:.80}"
-            )
-
-
-def _is_a(value: Any, kind: Any) -> bool:
-    """``isinstance`` for the types of ``State``'s fields, where a bool is no number."""
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) is dict:
-        return isinstance(value, dict) and all(
-            isinstance(k, str) and _is_a(v, args[1]) for k, v in value.items()
-        )
-    if args:  # a union
-        return any(_is_a(value, arg) for arg in args)
-    if kind is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is int:
-        return _is_int(value)
-    return isinstance(value, kind)
-
-
-def _is_int(value: Any) -> typing.TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_like(file: Path, value: Any, reference: Any, at: str, *, partial: bool = False) -> None:
-    """``value`` has the structure of ``reference`` (what this run has now): mappings with at
-    least its keys (``partial``: only the keys both have are compared), the same lengths,
-    numbers where it has numbers. Extra keys are allowed: a newer torch adds options, and a
-    scheduler adds ``initial_lr`` to the optimizer's groups (which is why those are compared
-    ``partial``ly: a run may resume with a scheduler the saved one did not have)."""
-    if reference is None or value is None:
-        return
-    if isinstance(reference, Mapping):
-        ok = isinstance(value, Mapping) and (partial or reference.keys() <= value.keys())
-        if ok:
-            for key in reference.keys() & value.keys():
-                _check_like(file, value[key], reference[key], f"{at}.{key}", partial=partial)
-            return
-    elif isinstance(reference, list | tuple):
-        ok = isinstance(value, list | tuple) and len(value) == len(reference)
-        if ok:
-            for index, (item, ref) in enumerate(zip(value, reference)):
-                _check_like(file, item, ref, f"{at}[{index}]", partial=partial)
-            return
-    elif isinstance(reference, bool | str | torch.Tensor):
-        ok = isinstance(value, type(reference))
-    elif isinstance(reference, int | float):
-        ok = _is_a(value, float)
-    else:
-        ok = True
-    if not ok:
-        raise CheckpointError(
-            f"{file}: field {at!r} is {value!r:.80}, but this run's has the form {reference!r:.80}"
-        )
-
-
-def _check_optimizer_state(file: Path, value: Any, optimizer: torch.optim.Optimizer) -> None:
-    """An optimizer state dict whose groups match this optimizer's and whose per-parameter
-    state holds only tensors and numbers (torch's ``load_state_dict`` checks little more than
-    the group sizes; anything else would fail at the next step)."""
-    if not isinstance(value, Mapping) or not isinstance(value.get("state"), Mapping):
-        raise CheckpointError(f"{file}: field 'value' must be an optimizer state dict")
-    # Parameters are named by index, or by name when the strategy says so (FSDP): only
-    # their number is compared; every other option must have this optimizer's form.
-    groups, current = value.get("param_groups"), optimizer.state_dict()["param_groups"]
-    if not isinstance(groups, list) or not all(
-        isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups
-    ):
-        raise CheckpointError(f"{file}: field 'value.param_groups' must be a list of groups")
-    _check_like(
-        file,
-        [{**g, "params": len(g["params"])} for g in groups],
-        [{**g, "params": len(g["params"])} for g in current],
-        "value.param_groups",
-        partial=True,
-    )
-    for key, entry in value["state"].items():
-        if not isinstance(entry, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor | int | float | bool | None)
-            for k, v in entry.items()
-        ):
-            raise CheckpointError(
-                f"{file}: field 'value.state.{key}' must map names to tensors or numbers"
-            )
-
-
-def _load_sharded(run: Run, fmt: CheckpointFormat, path: Path) -> None:
-    """On every rank: read its shards into the layout the strategy has now (so a checkpoint
-    written by another number of ranks is resharded by the format)."""
-    strategy, model = run.strategy, run.wrapped_model
-    template = strategy.model_state_dict(model, sharded=True)
-    loaded = fmt.load_sharded(path, "model", template)
-    strategy.load_model_state_dict(model, loaded, sharded=True)
-    if run.optimizer is not None and (path / "optimizer.json").exists():
-        stored = _read_json(path / "optimizer.json")
-        tensors: dict[str, torch.Tensor] = {}
-        _encode(strategy.optimizer_state_dict(run.optimizer, sharded=True), "", tensors, cpu=False)
-        tensors = fmt.load_sharded(path, "optimizer", tensors) if stored["tensors"] else {}
-        state = _decode(stored["value"], tensors)
-        strategy.load_optimizer_state_dict(run.optimizer, state, sharded=True)
-
-
-def _check_data_position(run: Run, path: Path, data: Mapping[str, Any]) -> None:
-    """Warn when the data cannot continue where the checkpoint left it."""
-    sampler = getattr(getattr(run, "_train_loader", None), "sampler", None)
-    saved = data.get("sampler")
-    if (
-        isinstance(sampler, ResumableSampler)
-        and isinstance(saved, Mapping)
-        and saved.get("seed") != sampler.seed
-    ):
-        warnings.warn(
-            f"{path} was written with data order seed {saved.get('seed')}, this run uses "
-            f"{sampler.seed}: the rest of the epoch will see other samples than it would have",
-            TreadleWarning,
-            stacklevel=3,
-        )
-    saved_length = data.get("batches_per_epoch")
-    if saved_length is not None and saved_length != run._batches_per_epoch:
-        warnings.warn(
-            f"{path} was written with {saved_length} batches per epoch, this run has "
-            f"{run._batches_per_epoch}: the training data changed, so the position in the "
-            "epoch does not mean the same samples",
-            TreadleWarning,
-            stacklevel=3,
-        )
-
-
-# ------------------------------------------------------------------ weights for inference
-
-
-def load_weights(
-    model: nn.Module, path: Path | str, *, strict: bool = True, check: bool = True
-) -> Any:
-    """Load a checkpoint's (or an export's) weights into ``model``, for inference.
-
-    The tensors are read by the checkpoint format named in the checkpoint's ``state.json``
-    (found through the ``treadle.checkpoint`` entry points); nothing is unpickled.
-
-    Args:
-        model: the model to fill (built as for training; not wrapped).
-        path: a checkpoint directory, a directory of checkpoints (its newest valid one), a
-            run's output directory, or a folder written by ``treadle export``.
-        strict: require the names to match exactly, as ``nn.Module.load_state_dict`` does.
-        check: verify sizes and SHA-256 checksums against the manifest first.
-
-    Returns:
-        ``load_state_dict``'s result: the missing and unexpected keys.
-
-    Raises:
-        TreadleError: no checkpoint there, a damaged one, or names or shapes that differ.
-
-    Example::
-
-        model = build_model()
-        treadle.load_weights(model, "runs/exp1")           # newest valid checkpoint
-        treadle.load_weights(model, "runs/exp1/checkpoints/step-000120")
-    """
-    directory = resolve(path)
-    if check:
-        problems = verify(directory)
-        if problems:
-            raise CheckpointError(f"cannot load weights from {directory}: {'; '.join(problems)}")
-    fmt = _format_named(_checked_meta(directory)["format"])
-    state = fmt.load_model(directory, model) if strict else fmt.load_tensors(directory, "model")
-    try:
-        return model.load_state_dict(state, strict=strict)
-    except RuntimeError as exc:
-        raise TreadleError(f"cannot load the weights of {directory} into the model: {exc}") from exc
-
-
-def export(
-    source: Path | str, out: Path | str, format: str | Mapping[str, Any] = "safetensors"
-) -> Path:
-    """Write the weights of a checkpoint as a weights-only folder (``treadle export``).
-
-    The folder holds the model files of ``format`` (for "safetensors": ``model.safetensors``
-    or shards with an index, the Hugging Face layout; other formats may add files, through
-    ``CheckpointFormat.export_model``), a ``state.json`` naming the format and the step, and
-    a ``manifest.json``; it is written under a temporary name and renamed, like a
-    checkpoint. ``treadle.load_weights`` reads it.
-
-    Args:
-        source: a checkpoint directory, a directory of checkpoints or a run's output directory.
-        out: the folder to create; it must not exist yet (an empty directory is replaced).
-        format: the checkpoint format to write: its ``treadle.checkpoint`` entry-point name,
-            or ``{"name": ..., **options}`` with options for its constructor.
-
-    Returns:
-        ``out``.
-    """
-    directory, out = resolve(source), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TreadleError(f"{out} already exists; choose a new folder for the export")
-    if out.is_symlink():
-        raise TreadleError(f"{out} is a symbolic link; choose a new folder for the export")
-    problems = verify(directory)
-    if problems:
-        raise CheckpointError(f"cannot export {directory}: {'; '.join(problems)}")
-    meta = _checked_meta(directory)
-    reader, writer = _format_named(meta["format"]), _format_named(format)
-    tensors = reader.load_tensors(directory, "model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    _remove_tree(tmp)
-    tmp.mkdir()
-    try:
-        writer.export_model(directory, tmp, tensors)
-        _write_json(
-            tmp / STATE,
-            {
-                "layout": LAYOUT_VERSION,
-                "format": writer.name,
-                "weights_only": True,
-                "step": meta.get("step"),
-                "source": str(directory.resolve()),
-            },
-        )
-        _write_manifest(tmp)
-    except BaseException:
-        _remove_tree(tmp)  # a failed export leaves nothing behind
-        raise
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
-    return out
-
-
-def _format_named(spec: str | Mapping[str, Any]) -> CheckpointFormat:
-    """A checkpoint format by entry-point name, or ``{"name": ..., **options}``."""
-    options = dict(spec) if isinstance(spec, Mapping) else {}
-    name = options.pop("name", None) if isinstance(spec, Mapping) else spec
-    if not isinstance(name, str):
-        raise ConfigError(f"a checkpoint format needs a name, got {spec!r}")
-    target = registry.load("checkpoint", name)
-    try:
-        inspect.signature(target).bind(**options)
-    except TypeError as exc:
-        raise ConfigError(
-            f"checkpoint format {name!r}: invalid options {sorted(options)}: {exc}"
-        ) from None
-    fmt = target(**options)
-    if not isinstance(fmt, CheckpointFormat):
-        raise TreadleError(f"checkpoint format {name!r} is not a treadle.CheckpointFormat")
-    return fmt
 
 
 # ------------------------------------------------------------------ state as JSON + tensors
@@ -1066,34 +651,6 @@ def _write_state(
     _write_json(directory / f"{stem}.json", {"tensors": bool(tensors), "value": encoded})
 
 
-def _load_state(fmt: CheckpointFormat, directory: Path, stem: str) -> Any:
-    file = directory / f"{stem}.json"
-    stored = _read_json(file)
-    if not isinstance(stored.get("tensors"), bool) or "value" not in stored:
-        raise CheckpointError(f"{file}: needs the fields 'tensors' (true or false) and 'value'")
-    tensors = fmt.load_tensors(directory, stem) if stored["tensors"] else {}
-    try:
-        return _decode(stored["value"], tensors)
-    except (KeyError, TypeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(
-            f"{file}: field 'value' is not a stored state ({type(exc).__name__}: {exc!s:.200})"
-        ) from exc
-
-
-def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__items__" in obj:
-            return {k: _decode(v, tensors) for k, v in obj["__items__"]}
-        if "__tuple__" in obj:
-            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-        return {k: _decode(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    return obj
-
-
 def _rng_state(device: torch.device) -> dict[str, Any]:
     python_state = random.getstate()
     numpy_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
@@ -1102,109 +659,21 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
         "numpy": [numpy_state[0], numpy_state[1].tolist(), *map(_plain, numpy_state[2:])],
         "torch": _hex(torch.get_rng_state()),
     }
-    module = getattr(torch, device.type, None) if device.type != "cpu" else None
-    if module is not None and hasattr(module, "get_rng_state"):
+    module = _device_rng(device)
+    if module is not None:
         state["device"] = _hex(module.get_rng_state(device))
     return state
+
+
+def _device_rng(device: torch.device) -> Any:
+    """The torch module with ``device``'s generator (``torch.cuda``, ...); None for the CPU."""
+    module = getattr(torch, device.type, None) if device.type != "cpu" else None
+    return module if hasattr(module, "get_rng_state") else None
 
 
 def _hex(state: torch.Tensor) -> str:
     """A generator's byte state as a hex string (compact, exact, still plain JSON)."""
     return bytes(state.cpu().numpy().tobytes()).hex()
-
-
-def _unhex(text: str | list[int]) -> torch.Tensor:
-    data = bytes(text) if isinstance(text, list) else bytes.fromhex(text)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-class _RngState(NamedTuple):
-    """One rank's random streams, read and checked, ready to set."""
-
-    python: tuple[Any, ...]
-    numpy: tuple[Any, ...]
-    torch: torch.Tensor
-    device: torch.Tensor | None
-
-
-def _read_rng(path: Path, rank: int, world_size: Any, device: torch.device) -> _RngState:
-    """This rank's RNG file (rank 0's, with a warning, if it has none), checked by setting
-    every state on a scratch generator, so that a bad one fails before the run changes."""
-    file = path / f"rng-rank{rank:05d}.json"
-    if rank != 0 and not file.exists():
-        warnings.warn(
-            f"{path} has no RNG state for rank {rank} (it was written by "
-            f"{world_size} ranks); using rank 0's, so random streams will not "
-            "continue exactly",
-            TreadleWarning,
-            stacklevel=3,
-        )
-        file = path / "rng-rank00000.json"
-    saved = _read_json(file)
-    field = "python"
-    try:
-        version, internal, gauss = saved[field]
-        python = (version, tuple(internal), gauss)
-        random.Random().setstate(python)
-        field = "numpy"
-        name, keys, *rest = saved[field]
-        numpy = (name, np.array(keys, dtype=np.uint32), *rest)
-        np.random.RandomState().set_state(numpy)
-        field = "torch"
-        torch_state = _unhex(saved[field])
-        torch.Generator().set_state(torch_state)
-        field = "device"
-        device_state = _unhex(saved[field]) if field in saved else None
-        module = getattr(torch, device.type, None) if device.type != "cpu" else None
-        if (
-            device_state is not None
-            and hasattr(module, "get_rng_state")
-            and device_state.numel() != module.get_rng_state(device).numel()  # type: ignore[union-attr]
-        ):
-            raise ValueError(f"{device_state.numel()} bytes, not {device.type}'s")
-    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError, IndexError) as exc:
-        missing = isinstance(exc, KeyError)
-        raise CheckpointError(
-            f"{file}: field {field!r} is {'missing' if missing else 'not a valid state'}"
-            + ("" if missing else f" ({type(exc).__name__}: {str(exc)[:200]})")
-        ) from exc
-    return _RngState(python, numpy, torch_state, device_state)
-
-
-def _set_rng_state(state: _RngState, device: torch.device) -> None:
-    random.setstate(state.python)
-    np.random.set_state(state.numpy)
-    torch.set_rng_state(state.torch)
-    module = getattr(torch, device.type, None) if device.type != "cpu" else None
-    if state.device is not None and module is not None and hasattr(module, "set_rng_state"):
-        module.set_rng_state(state.device, device)
-
-
-@contextlib.contextmanager
-def rng_preserved(device: torch.device) -> Iterator[None]:
-    """Leave every random stream (python, numpy, torch, ``device``) as it was before the block.
-
-    For work that must not shift the training run's random numbers: evaluation (so that a
-    run evaluated more or less often, or resumed after a final evaluation, trains alike) and
-    re-creating a data iterator when resuming mid-epoch (``DataLoader`` draws a seed from
-    torch's generator each time it is iterated).
-    """
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    torch_state = torch.get_rng_state()
-    module = getattr(torch, device.type, None) if device.type != "cpu" else None
-    device_state = (
-        module.get_rng_state(device)
-        if module is not None and hasattr(module, "get_rng_state")
-        else None
-    )
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-        if device_state is not None and module is not None:
-            module.set_rng_state(device_state, device)
 
 
 def _plain(value: Any) -> Any:
@@ -1293,3 +762,7 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _is_int(value: Any) -> typing.TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -10,7 +10,7 @@ registered with the run's plugin manager: a ``@treadle.hookimpl`` method on it l
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -156,6 +156,34 @@ class Strategy:
 
     def to_device(self, batch: Any) -> Any:
         return move_to_device(self.precision.convert_input(batch), self.device)
+
+    # -- evaluation and prediction (one process: every batch whole, outputs as they are)
+    def eval_steps(
+        self, loader: Iterable[Any], step: Callable[[Any], Mapping[str, Any]]
+    ) -> Iterator[tuple[Any, Mapping[str, Any], bool]]:
+        """``(batch, outputs, counted)`` for each batch of the evaluation ``loader``: the batch
+        on the device, ``outputs = step(batch)`` (the ``eval_step`` provider), and whether the
+        batch's loss counts.
+
+        A strategy whose sampler pads each rank's share of the data (to a multiple of the
+        world size) sees each sample once: it cuts the padding rows off a batch before
+        ``step``; a batch of padding only still goes through ``step`` (every rank runs as
+        many forwards: collectives inside one stay in step), then is yielded with no rows,
+        ``outputs["count"] = 0`` and ``counted=False``.
+        """
+        for batch in loader:
+            batch = self.to_device(batch)
+            yield batch, step(batch), True
+
+    def gather_outputs(self, loader: Any, outputs: list[Any], rows: int, hook: str) -> list[Any]:
+        """Every rank's per-batch ``outputs`` over ``loader``, in the data set's order, batched
+        as one process batches it: what ``predict()`` returns and ``compute_metrics`` joins.
+
+        ``rows``: the number of samples this rank's ``outputs`` cover; ``hook``: the hook that
+        made them, for messages. Called on every rank at once (a collective where there are
+        several). The base, one process, returns ``outputs``.
+        """
+        return outputs
 
     # -- the step
     def forward_context(self) -> contextlib.AbstractContextManager[Any]:

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from treadle import checkpoint, defaults, gather
+from treadle import defaults, resume
 from treadle.data import describe_data, length_of
 from treadle.defaults import batch_rows
-from treadle.errors import ConfigError, TreadleError
+from treadle.errors import ConfigError, TreadleError, TreadleWarning
 
 if TYPE_CHECKING:
     from treadle.run import Run
 
-__all__ = ["evaluate", "predict"]
+__all__ = ["evaluate", "join_outputs", "predict"]
 
 
 def evaluate(run: Run, data: Any = None) -> dict[str, float]:
@@ -27,59 +28,36 @@ def evaluate(run: Run, data: Any = None) -> dict[str, float]:
     model = run.wrapped_model
     was_training = model.training
     model.eval()
-    run._refresh_listeners()
+    run.refresh_listeners()
     metrics: dict[str, float] = {}
     # Evaluation leaves the training run's random streams untouched, so that evaluating more
     # or less often (or once more before a final checkpoint) does not change training.
-    with torch.no_grad(), checkpoint.rng_preserved(run.device):
+    with torch.no_grad(), resume.rng_preserved(run.device):
         for name, dataset in named.items():
             metrics.update(_evaluate_one(run, model, name, dataset))
     model.train(was_training)
-    run._last_eval_step = run.state.step
+    run.fit_state.last_eval_step = run.state.step
     run.log(metrics)
     return metrics
 
 
 def _evaluate_one(run: Run, model: torch.nn.Module, name: str, data: Any) -> dict[str, float]:
-    strategy = run.strategy
     loader = run.provide("make_eval_loader", run=run, data=data)
-    run._eval_lengths[name] = length_of(loader)
+    run.fit_state.eval_lengths[name] = length_of(loader)
     run.emit("on_eval_begin", run=run, name=name)
     # predictions and labels can be large: they are kept only for a compute_metrics hook
-    keep = "compute_metrics" in run._listeners
+    keep = "compute_metrics" in run.listeners
     kept: list[Any] = []
-    rows = 0
+    rows = batches = 0
     total = torch.zeros((), dtype=torch.float64, device=run.device)
     count = torch.zeros((), dtype=torch.float64, device=run.device)
-    # A sharded loader ends a rank's share with up to one repeated sample (the sampler's
-    # padding to a multiple of the world size). It is cut off, so that the loss, the kept
-    # outputs and the hooks see each sample once. None: every row is real (one process).
-    left = gather.real_rows(run, loader)
-    batches = 0
-    for batch in loader:
+    steps = run.strategy.eval_steps(
+        loader, lambda batch: run.provide("eval_step", run=run, model=model, batch=batch)
+    )
+    for batch, outputs, counted in steps:
         batches += 1
-        batch = strategy.to_device(batch)
-        real = None  # with padding in this batch: how many of its rows are real
-        if left is not None:
-            size = batch_rows(batch)
-            if size > left:
-                real = left
-            left = max(left - size, 0)
-        if real:
-            batch = gather.first_rows(batch, real, size)
-        outputs = run.provide("eval_step", run=run, model=model, batch=batch)
-        if real == 0:
-            # Padding only: the forward still ran, so that wrappers using collectives in it
-            # (FSDP) stay in step across ranks; it counts for nothing and is seen empty.
-            batch = gather.first_rows(batch, 0, size)
-            outputs = {**gather.first_rows(outputs, 0, size), "count": 0}
-        else:
-            items = outputs.get("count", 1)
-            try:
-                total += outputs["loss"].detach().double() * items
-            except (RuntimeError, AttributeError) as exc:
-                raise defaults.loss_error(run, outputs["loss"], exc, evaluating=name) from exc
-            count += items
+        if counted:
+            _add_loss(run, name, outputs, total, count)
         if keep:
             kept.append({key: outputs.get(key) for key in ("predictions", "labels")})
             rows += batch_rows(batch)
@@ -90,10 +68,11 @@ def _evaluate_one(run: Run, model: torch.nn.Module, name: str, data: Any) -> dic
             f"{describe_data(data)}. Its loss would be logged as 0.0; pass data with at least "
             "one batch, or leave it out of eval_data."
         )
-    total, count = strategy.all_reduce(total, "sum"), strategy.all_reduce(count, "sum")
+    total, count = run.strategy.all_reduce(total, "sum"), run.strategy.all_reduce(count, "sum")
     metrics = {f"{name}/loss": float((total / count.clamp_min(1)).item())}
     if keep:
-        joined = gather.collect(run, loader, kept, rows, "compute_metrics") or {}
+        kept = run.strategy.gather_outputs(loader, kept, rows, "compute_metrics")
+        joined = join_outputs(kept, "compute_metrics") or {}
         result = run.provide(
             "compute_metrics", optional=True, run=run, name=name,
             predictions=joined.get("predictions"), labels=joined.get("labels"),
@@ -101,6 +80,18 @@ def _evaluate_one(run: Run, model: torch.nn.Module, name: str, data: Any) -> dic
         metrics.update(_prefixed(name, result or {}))
     run.emit("on_eval_end", run=run, name=name, metrics=metrics)
     return metrics
+
+
+def _add_loss(
+    run: Run, name: str, outputs: Mapping[str, Any], total: torch.Tensor, count: torch.Tensor
+) -> None:
+    """Add a batch's loss, weighted by its ``count``, to ``total``, and the count to ``count``."""
+    items = outputs.get("count", 1)
+    try:
+        total += outputs["loss"].detach().double() * items
+    except (RuntimeError, AttributeError) as exc:
+        raise defaults.loss_error(run, outputs["loss"], exc, evaluating=name) from exc
+    count += items
 
 
 def _prefixed(name: str, values: Mapping[str, Any]) -> dict[str, float]:
@@ -122,7 +113,7 @@ def predict(run: Run, data: Any) -> list[Any]:
     model = run.wrapped_model
     was_training = model.training
     model.eval()
-    run._refresh_listeners()
+    run.refresh_listeners()
     predictions: list[Any] = []
     rows = 0
     run.emit("on_predict_begin", run=run)
@@ -133,14 +124,71 @@ def predict(run: Run, data: Any) -> list[Any]:
             predictions.append(outputs)
             rows += batch_rows(batch)
             run.emit("on_predict_step_end", run=run, batch=batch, outputs=outputs)
-    if gather.layout(run, loader) is not None:
-        # every rank's predictions, in the data set's order, re-batched as one process has them
-        ordered = gather.collect(run, loader, predictions, rows, "predict_step")
-        size = loader.batch_size
-        predictions = [
-            gather.take(ordered, slice(i, i + size))
-            for i in range(0, gather.row_count(ordered), size)
-        ]
+    # in a distributed run: every rank's predictions, in the data set's order, re-batched as
+    # one process has them
+    predictions = run.strategy.gather_outputs(loader, predictions, rows, "predict_step")
     run.emit("on_predict_end", run=run, predictions=predictions)
     model.train(was_training)
     return predictions
+
+
+def join_outputs(parts: list[Any], hook: str) -> Any:
+    """Per-batch outputs joined per sample, as ``compute_metrics`` receives them; None for none.
+
+    Tensors are concatenated along their first dimension (a list of rows where their shapes
+    differ), lists chained, mappings and tuples joined by key or place. A value that describes
+    a whole batch, not one sample each (a 0-dim tensor such as the batch's mean loss, a number,
+    a string), is dropped from a mapping and None in a tuple, with a warning.
+
+    Raises:
+        TreadleError: ``hook`` returned one such value per batch, not a structure of rows.
+    """
+    if not parts:
+        return None
+    dropped: list[str] = []
+    joined = _concat(parts, dropped, "")
+    if joined is _BATCH_LEVEL:
+        raise TreadleError(
+            f"{hook} returned one {type(parts[0]).__name__} per batch; outputs are joined per "
+            "sample: return tensors with one row per sample, or a dict, tuple or list of them"
+        )
+    if dropped:
+        warnings.warn(
+            f"{hook}: values that describe a whole batch, not one sample each, were dropped "
+            f"when joining outputs: {', '.join(sorted(set(dropped)))}",
+            TreadleWarning,
+            stacklevel=4,
+        )
+    return joined
+
+
+#: what ``_concat`` returns for values that describe a whole batch
+_BATCH_LEVEL = object()
+
+
+def _concat(parts: list[Any], dropped: list[str], path: str) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() == 0:
+            return _BATCH_LEVEL
+        try:
+            return torch.cat(parts)
+        except RuntimeError:  # rows of different shapes (sequences of different lengths)
+            return [row for part in parts for row in part.unbind(0)]
+    if isinstance(first, Mapping):
+        joined = {key: _concat([p[key] for p in parts], dropped, f"{path}{key}.") for key in first}
+        dropped += [f"{path}{key}" for key, value in joined.items() if value is _BATCH_LEVEL]
+        return {key: value for key, value in joined.items() if value is not _BATCH_LEVEL}
+    if isinstance(first, tuple):
+        items = [
+            _concat([p[place] for p in parts], dropped, f"{path}{place}.")
+            for place in range(len(first))
+        ]
+        dropped += [f"{path}[{n}]" for n, value in enumerate(items) if value is _BATCH_LEVEL]
+        items = [None if value is _BATCH_LEVEL else value for value in items]
+        return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
+    if isinstance(first, list):
+        return [row for part in parts for row in part]
+    if first is None:
+        return None
+    return _BATCH_LEVEL

@@ -12,14 +12,15 @@ import os
 import signal
 import threading
 import time
+import types
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from treadle import checkpoint, defaults
+from treadle import checkpoint, defaults, resume
 from treadle.components import Precision, Strategy, move_to_device
 from treadle.data import ResumableSampler, describe_data, length_of
 from treadle.defaults import batch_rows
@@ -41,7 +42,7 @@ STOP, SAVE, EVAL, LOG, PREEMPT, FINAL, END_EPOCH = 1, 2, 4, 8, 16, 32, 64
 
 
 def fit(run: Run) -> State:
-    config, state = run.config, run.state
+    config, state, fit_state = run.config, run.state, run.fit_state
     run.setup()
     loader = run.provide("make_train_loader", run=run, data=run.train_data)
     _check_iterable(run, loader)
@@ -50,25 +51,22 @@ def fit(run: Run) -> State:
         raise _no_batch_error(run, loader, state.epoch)
     _check_accumulation(config.grad_accum_steps, batches_per_epoch)
     # known before resuming: the checkpoint's data position is checked against them
-    run._train_loader, run._batches_per_epoch = loader, batches_per_epoch
+    fit_state.train_loader, fit_state.batches_per_epoch = loader, batches_per_epoch
     max_epochs, run.total_steps = _plan(run, batches_per_epoch)
     run.setup_optimizer()
-    if config.resume is not None and not run._resumed:
-        checkpoint.resume(run)
-    if run._resumed_stop is not None:
-        return _already_stopped(run, run._resumed_stop)
-    run._refresh_listeners()
-    run._batches_per_epoch = batches_per_epoch
+    if config.resume is not None and not fit_state.resumed:
+        resume.resume(run)
+    if fit_state.resumed_stop is not None:
+        return _already_stopped(run, fit_state.resumed_stop)
     run.clear_stop()
-    run._stop_reason = run._final_stop = None  # an earlier fit's stop is not this one's
-    model, optimizer = run.wrapped_model, run.optimizer
-    assert optimizer is not None
-    model.train()
+    fit_state.stop_reason = fit_state.final_stop = None  # an earlier fit's stop is not this one's
+    run.refresh_listeners()  # and with them, the step is built anew
+    run.wrapped_model.train()
     meter = _Meter(run)
     first_step = state.step
     try:
         run.emit("on_fit_begin", run=run)
-        _epochs(run, model, optimizer, loader, meter, max_epochs, batches_per_epoch)
+        _epochs(run, loader, meter, max_epochs, batches_per_epoch)
         _finish(run, meter)
     except Exception as exc:  # not KeyboardInterrupt, SystemExit, Preempted: not failures
         try:
@@ -82,57 +80,60 @@ def fit(run: Run) -> State:
 
 def _epochs(
     run: Run,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
     loader: Iterable[Any],
     meter: _Meter,
     max_epochs: int | None,
     batches_per_epoch: int | None,
 ) -> None:
     """Train epoch after epoch until a limit or a stop."""
-    config, state = run.config, run.state
-    while not run.is_stopping() and not _limit_reached(run, max_epochs):
+    config, state, fit_state = run.config, run.state, run.fit_state
+    while not fit_state.stopping and not _limit_reached(run, max_epochs):
         epoch = state.epoch
         run.emit("on_epoch_begin", run=run, epoch=epoch)
         for window in _windows(_epoch_batches(run, loader), config.grad_accum_steps):
-            step = _plain_step if run._plain_step else _train_step
-            loss = step(run, model, optimizer, window)
+            loss = (fit_state.step or build_step(run))(window)
             meter.add(loss)
-            if (hook := run._listeners.get("on_step_end")) is not None:  # run.emit, inlined
+            if (hook := run.listeners.get("on_step_end")) is not None:  # run.emit, inlined
                 hook(run=run, loss=loss)
             _step_boundary(run, meter)
-            if run.is_stopping() or state.epoch != epoch:  # stopped, or the epoch ended early
+            if fit_state.stopping or state.epoch != epoch:  # stopped, or the epoch ended early
                 break
         if state.epoch == epoch:
-            if state.batch_in_epoch == 0:
-                # An epoch from its start gave nothing: with max_steps the loop would spin forever.
-                raise _no_batch_error(run, loader, epoch)
-            exhausted = not run.is_stopping() or (
-                batches_per_epoch is not None and state.batch_in_epoch >= batches_per_epoch
-            )
-            if exhausted:
-                state.epoch, state.batch_in_epoch = epoch + 1, 0
+            _end_epoch(run, loader, epoch, batches_per_epoch)
         run.emit("on_epoch_end", run=run, epoch=epoch)
         if config.eval_every_epoch and run.eval_data is not None:
             evaluate(run)
         _epoch_boundary(run, meter)
 
 
+def _end_epoch(run: Run, loader: Any, epoch: int, batches_per_epoch: int | None) -> None:
+    """The epoch's batches ran out, or a stop came: move the data position past it if done."""
+    state = run.state
+    if state.batch_in_epoch == 0:
+        # An epoch from its start gave nothing: with max_steps the loop would spin forever.
+        raise _no_batch_error(run, loader, epoch)
+    exhausted = not run.fit_state.stopping or (
+        batches_per_epoch is not None and state.batch_in_epoch >= batches_per_epoch
+    )
+    if exhausted:
+        state.epoch, state.batch_in_epoch = epoch + 1, 0
+
+
 def _finish(run: Run, meter: _Meter) -> None:
-    config, state = run.config, run.state
+    config, state, fit_state = run.config, run.state, run.fit_state
     # the end: a last log, eval and save unless the final step just had them
     meter.log()
     if (
         config.eval_at_end
-        and not run._preempted  # the grace period before SIGKILL is for saving
+        and not fit_state.preempted  # the grace period before SIGKILL is for saving
         and run.eval_data is not None
-        and run._last_eval_step != state.step
+        and fit_state.last_eval_step != state.step
     ):
         evaluate(run)
     if (
         config.save_at_end
         and run.checkpoint_format is not None
-        and run._last_save_step != state.step
+        and fit_state.last_save_step != state.step
     ):
         checkpoint.save(run)
     checkpoint.finish_pending(run)  # fit returns with every save complete
@@ -155,119 +156,118 @@ def _already_stopped(run: Run, reason: str) -> State:
     return state
 
 
-def plain_step_applies(run: Run) -> bool:
-    """Whether a step may be ``_plain_step``: the same arithmetic without the component calls.
+# ------------------------------------------------------------------ the step
 
-    That is so when a step is one micro-batch in ``mean`` mode, no plugin listens to an event
-    inside the step (``on_step_end`` is after it), ``training_step`` and ``compute_loss`` are
-    the kernel's own, and the strategy and precision inherit every method the step calls from
-    the bases, which do nothing there beyond moving the batch, back-propagating and stepping.
-    The check is on the methods, not on names: a strategy or precision plugin that overrides
-    any of them gets the full step. The run asks whenever its listeners change
-    (``run._plain_step``), so a plugin added mid-fit counts from the next step.
+
+def build_step(run: Run) -> Callable[[list[Any]], torch.Tensor]:
+    """The optimizer step of this fit: ``step(window)`` trains on a window of micro-batches
+    and returns the step's loss, on the device.
+
+    Built from what is known when the fit starts, and again whenever the run's listeners
+    change (``run.refresh_listeners`` drops it): the providers and the components' methods
+    are bound once, an event nobody listens to is left out, and a base-class method that
+    would do nothing here (a precision that does not scale, gradients divided by 1) is not
+    called. A strategy or precision that overrides a method is always called.
     """
-    config, listeners = run.config, run._listeners
-    return (
-        config.grad_accum_steps == 1
-        and config.loss_normalization == "mean"
-        and not any(hook in listeners for hook in _EVENTS_INSIDE_A_STEP)
-        and listeners.get("training_step") is defaults.training_step
-        and listeners.get("compute_loss") is defaults.compute_loss
-        and _inherits(run.strategy, Strategy, _STRATEGY_STEP_METHODS)
-        and _inherits(run.strategy.precision, Precision, _PRECISION_STEP_METHODS)
+    state, fit_state, strategy = run.state, run.fit_state, run.strategy
+    model, optimizer, scheduler = run.wrapped_model, run.optimizer, run.scheduler
+    assert optimizer is not None
+    step_begin, micro_begin, micro_end, before_update, after_update = (
+        run.listeners.get(event) for event in _EVENTS_OF_A_STEP
+    )
+    training_step = run.listeners["training_step"]
+    normalization = run.config.loss_normalization
+    to_device = _bound_to_device(strategy)
+    precision_steps = not _inherits(strategy.precision, Precision, ("optimizer_step",))
+    update = (
+        strategy.optimizer_step
+        if _overrides(strategy, "optimizer_step") or precision_steps
+        else None
+    )
+    divides_only = not _overrides(strategy, "finalize_gradients", "divide_gradients") and (
+        _inherits(strategy.precision, Precision, ("unscale_gradients",))
     )
 
+    def step(window: list[Any]) -> torch.Tensor:
+        if step_begin is not None:
+            step_begin(run=run)
+        total: Any = None
+        count: Any = 0
+        last = len(window) - 1
+        for index, batch in enumerate(window):
+            batch = to_device(batch)
+            if micro_begin is not None:
+                micro_begin(run=run, batch=batch)
+            if index < last:  # gradients are synchronised across ranks on the last one only
+                with strategy.no_sync(model):
+                    loss = training_step(run=run, model=model, batch=batch)
+            else:
+                loss = training_step(run=run, model=model, batch=batch)
+            part, items = _loss_parts(loss, normalization)
+            total = part if total is None else total + part
+            count = count + items
+            state.micro_step += 1
+            state.samples_seen += batch_rows(batch)
+            if micro_end is not None:
+                micro_end(run=run, loss=loss)
+        if not (divides_only and count.__class__ is int and count == 1):  # not: divide by 1
+            strategy.finalize_gradients(optimizer, count)
+        if before_update is not None:
+            before_update(run=run, optimizer=optimizer)
+        if fit_state.skip_reason is not None:  # a plugin dropped this step: run.skip_step()
+            stepped, fit_state.skip_reason = False, None
+        elif update is None:
+            stepped = True  # the base's step, without its two calls
+            optimizer.step()  # [update]: from here to [/update] the weights may be half-updated
+        else:
+            stepped = update(optimizer)
+        if after_update is not None:
+            after_update(run=run, optimizer=optimizer)
+        if not stepped:
+            state.skipped_steps += 1
+        elif scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1  # [/update]
+        state.batch_in_epoch += len(window)
+        if count.__class__ is not int:
+            fit_state.tokens_pending = fit_state.tokens_pending + count
+        elif count == 1:
+            return total  # type: ignore[no-any-return]  # dividing by 1: an op per step
+        return total / count  # type: ignore[no-any-return]
 
-_EVENTS_INSIDE_A_STEP = ("on_step_begin", "on_micro_step_begin", "on_before_backward",
-                         "on_after_backward", "on_micro_step_end", "on_before_optimizer_step",
-                         "on_after_optimizer_step")  # fmt: skip
-_STRATEGY_STEP_METHODS = ("to_device", "forward_context", "backward", "finalize_gradients",
-                          "divide_gradients", "optimizer_step")  # fmt: skip
-_PRECISION_STEP_METHODS = ("convert_input", "forward_context", "scale_loss", "unscale_gradients",
-                           "optimizer_step")  # fmt: skip
+    fit_state.step = step
+    return step
+
+
+_EVENTS_OF_A_STEP = ("on_step_begin", "on_micro_step_begin", "on_micro_step_end",
+                     "on_before_optimizer_step", "on_after_optimizer_step")  # fmt: skip
+
+
+#: the code of every ``step`` that ``build_step`` makes (a failure's traceback is matched to it)
+_STEP_CODE = next(
+    c
+    for c in build_step.__code__.co_consts
+    if isinstance(c, types.CodeType) and c.co_name == "step"
+)
+
+
+def _overrides(strategy: Strategy, *names: str) -> bool:
+    return not _inherits(strategy, Strategy, names)
 
 
 def _inherits(component: object, base: type, names: tuple[str, ...]) -> bool:
     return all(getattr(type(component), name) is getattr(base, name) for name in names)
 
 
-def _plain_step(
-    run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: list[Any]
-) -> torch.Tensor:
-    """``_train_step`` where ``plain_step_applies``: what its component calls would do, inline."""
-    state, batch = run.state, move_to_device(window[0], run.strategy.device)
-    value = defaults.backward_value(defaults.compute_loss(run, model, batch), "mean")
-    try:
-        torch.autograd.backward(value)
-    except (RuntimeError, TypeError) as exc:  # free until raised: the loss is checked only then
-        raise defaults.loss_error(run, value, exc) from exc
-    state.micro_step += 1
-    state.samples_seen += batch_rows(batch)
-    if run._skip_reason is not None:  # run.skip_step() from outside the step
-        state.skipped_steps += 1
-        run._skip_reason = None
-    else:
-        optimizer.step()  # [update]: from here to [/update] the weights may be half-updated
-        if run.scheduler is not None:
-            run.scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    state.step += 1  # [/update]
-    state.batch_in_epoch += 1
-    return value.detach()
-
-
-def _train_step(
-    run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: list[Any]
-) -> torch.Tensor:
-    """One optimizer step over a window of micro-batches; returns the step's loss on device."""
-    state, strategy = run.state, run.strategy
-    normalization = run.config.loss_normalization
-    # run.emit, inlined: only hooks with implementations are in run._listeners (the run keeps
-    # it current), so an event nobody listens to costs one dictionary lookup, not a call.
-    hooks = run._listeners
-    if (hook := hooks.get("on_step_begin")) is not None:
-        hook(run=run)
-    total: torch.Tensor | None = None
-    count: torch.Tensor | int = 0
-    last = len(window) - 1
-    for index, batch in enumerate(window):
-        batch = strategy.to_device(batch)
-        if (hook := hooks.get("on_micro_step_begin")) is not None:
-            hook(run=run, batch=batch)
-        if index < last:  # gradients are synchronised across ranks on the last micro-batch only
-            with strategy.no_sync(model):
-                loss = run.provide("training_step", run=run, model=model, batch=batch)
-        else:
-            loss = run.provide("training_step", run=run, model=model, batch=batch)
-        part, items = _loss_parts(loss, normalization)
-        total = part if total is None else total + part
-        count = count + items
-        state.micro_step += 1
-        state.samples_seen += batch_rows(batch)
-        if (hook := hooks.get("on_micro_step_end")) is not None:
-            hook(run=run, loss=loss)
-    assert total is not None
-    strategy.finalize_gradients(optimizer, count)
-    if (hook := hooks.get("on_before_optimizer_step")) is not None:
-        hook(run=run, optimizer=optimizer)
-    if run._skip_reason is None:
-        stepped = strategy.optimizer_step(optimizer)  # [update]: see _half_updated
-    else:  # a plugin dropped this step with run.skip_step()
-        stepped, run._skip_reason = False, None
-    if (hook := hooks.get("on_after_optimizer_step")) is not None:
-        hook(run=run, optimizer=optimizer)
-    if not stepped:
-        state.skipped_steps += 1
-    elif run.scheduler is not None:
-        run.scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    state.step += 1  # [/update]
-    state.batch_in_epoch += len(window)
-    if isinstance(count, torch.Tensor):
-        run._tokens_pending = run._tokens_pending + count
-    elif count == 1:
-        return total  # dividing by 1 would cost a tensor op and an allocation per step
-    return total / count
+def _bound_to_device(strategy: Strategy) -> Callable[[Any], Any]:
+    """``strategy.to_device``, or the move it does when neither it nor the precision's
+    ``convert_input`` is overridden."""
+    if _overrides(strategy, "to_device") or not _inherits(
+        strategy.precision, Precision, ("convert_input",)
+    ):
+        return strategy.to_device
+    return functools.partial(move_to_device, device=strategy.device)
 
 
 def _loss_parts(loss: torch.Tensor | LossSum, normalization: str) -> tuple[torch.Tensor, Any]:
@@ -282,16 +282,18 @@ def _loss_parts(loss: torch.Tensor | LossSum, normalization: str) -> tuple[torch
 def _step_boundary(run: Run, meter: _Meter) -> None:
     """After a step: act on the cadence and on plugins' requests, in HF's order log → eval → save."""
     config, state = run.config, run.state
-    requests = run.strategy.agree(run._requests | run._preempt_requests)
-    run._requests = 0
-    requested = run._stop_reason  # a plugin's reason, kept if a preemption comes with it
+    requests = run.strategy.agree(run.fit_state.requests | run.fit_state.preempt_requests)
+    run.fit_state.requests = 0
+    requested = run.fit_state.stop_reason  # a plugin's reason, kept if a preemption comes with it
     if requests & PREEMPT:
         requests |= SAVE | STOP
-        run._preempted = True
-        run._stop_reason = run._preempt_reason or "preempted (a signal reached another rank)"
+        run.fit_state.preempted = True
+        run.fit_state.stop_reason = (
+            run.fit_state.preempt_reason or "preempted (a signal reached another rank)"
+        )
     if config.max_steps is not None and state.step >= config.max_steps:
         requests |= STOP
-        run._stop_reason = run._stop_reason or "max_steps"
+        run.fit_state.stop_reason = run.fit_state.stop_reason or "max_steps"
     log_due = requests & LOG or (config.log_every and state.step % config.log_every == 0)
     eval_due = requests & EVAL or (config.eval_every and state.step % config.eval_every == 0)
     if log_due:
@@ -299,40 +301,44 @@ def _step_boundary(run: Run, meter: _Meter) -> None:
     if eval_due and run.eval_data is not None:
         evaluate(run)
     if log_due or eval_due:  # a plugin may have asked for a save or a stop in on_log/on_eval_end
-        requests |= run.strategy.agree(run._requests)
-        run._requests = 0
-        requested = requested or run._stop_reason
+        requests |= run.strategy.agree(run.fit_state.requests)
+        run.fit_state.requests = 0
+        requested = requested or run.fit_state.stop_reason
     _stop_or_end_epoch(run, requests, requested)  # before the save, which records them
     if (requests & SAVE or (config.save_every and state.step % config.save_every == 0)) and (
         run.checkpoint_format is not None
     ):
-        checkpoint.save(run, background=config.save_async and not run._stopping)
+        checkpoint.save(run, background=config.save_async and not run.fit_state.stopping)
 
 
 def _epoch_boundary(run: Run, meter: _Meter) -> None:
     """After ``on_epoch_end`` and the epoch's evaluation: act on what plugins asked for there
     (HF's epoch-end control), before the next epoch starts rather than after its first step."""
     state = run.state
-    requests = run.strategy.agree(run._requests)
-    run._requests = 0
+    requests = run.strategy.agree(run.fit_state.requests)
+    run.fit_state.requests = 0
     if requests & LOG:
         meter.log()
     if requests & EVAL and run.eval_data is not None:
         evaluate(run)
-        requests |= run.strategy.agree(run._requests)
-        run._requests = 0
-    _stop_or_end_epoch(run, requests & ~END_EPOCH, run._stop_reason)  # the epoch has ended
-    if requests & SAVE and run.checkpoint_format is not None and run._last_save_step != state.step:
-        checkpoint.save(run, background=run.config.save_async and not run._stopping)
+        requests |= run.strategy.agree(run.fit_state.requests)
+        run.fit_state.requests = 0
+    _stop_or_end_epoch(run, requests & ~END_EPOCH, run.fit_state.stop_reason)  # the epoch has ended
+    if (
+        requests & SAVE
+        and run.checkpoint_format is not None
+        and run.fit_state.last_save_step != state.step
+    ):
+        checkpoint.save(run, background=run.config.save_async and not run.fit_state.stopping)
 
 
 def _stop_or_end_epoch(run: Run, requests: int, requested: str | None) -> None:
     state = run.state
     if requests & STOP:
-        run._stopping = True
-        state.stop_reason = run._stop_reason or "stop requested on another rank"
+        run.fit_state.stopping = True
+        state.stop_reason = run.fit_state.stop_reason or "stop requested on another rank"
         if requests & FINAL:  # part of the run's state: a checkpoint of this step records it
-            run._final_stop = requested or "stop requested on another rank"
+            run.fit_state.final_stop = requested or "stop requested on another rank"
     elif requests & END_EPOCH:  # the rest of this epoch is skipped; a checkpoint records that
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
@@ -374,7 +380,7 @@ def _epoch_batches(run: Run, loader: Iterable[Any]) -> Iterator[Any]:
     batch_size = getattr(loader, "batch_size", None)
     # A DataLoader draws a seed from torch's generator whenever it is iterated; the run this
     # one continues did that at the epoch's start, before its checkpoint's RNG state was taken.
-    with checkpoint.rng_preserved(run.device):
+    with resume.rng_preserved(run.device):
         if isinstance(sampler, ResumableSampler) and batch_size:
             sampler.skip(done * batch_size)  # jump: the skipped samples are never read
             return iter(loader)
@@ -456,7 +462,7 @@ def _save_after_failure(run: Run, exc: Exception, first_step: int) -> None:
     state = run.state
     if run.checkpoint_format is None or state.step == first_step:
         return  # nothing to save with, or nothing trained since this fit began
-    if run._last_save_step == state.step:
+    if run.fit_state.last_save_step == state.step:
         return  # saved already
     unsafe = _unsafe_to_save(run, exc)
     if unsafe is not None:
@@ -468,7 +474,7 @@ def _save_after_failure(run: Run, exc: Exception, first_step: int) -> None:
         return
     assert run.optimizer is not None
     run.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
-    run._emergency = f"{type(exc).__name__}: {exc}"
+    run.fit_state.emergency = f"{type(exc).__name__}: {exc}"
     try:
         saved = checkpoint.save(run)
     except Exception as failure:  # the original error matters more
@@ -478,7 +484,7 @@ def _save_after_failure(run: Run, exc: Exception, first_step: int) -> None:
         )
         return
     finally:
-        run._emergency = None
+        run.fit_state.emergency = None
     exc.add_note(
         f"treadle: wrote an emergency checkpoint of step {state.step} (the last completed "
         f"step) to {saved}; Config.resume='auto' continues from it"
@@ -496,13 +502,11 @@ def _unsafe_to_save(run: Run, exc: Exception) -> str | None:
         code = frame.f_code
         if code in (checkpoint.save.__code__, checkpoint.finish_pending.__code__):
             return "the failure was in writing a checkpoint"
-        if code is _plain_step.__code__ or code is _train_step.__code__:
-            lines = _update_lines(_plain_step if code is _plain_step.__code__ else _train_step)
+        if code is _STEP_CODE:
+            lines = _update_lines(code)
             if lines is None or traceback.tb_lineno in lines:
                 return "it happened in the optimizer step, so the weights may be half-updated"
-            if code is _train_step.__code__ and (
-                run._listeners.get("training_step") is not defaults.training_step
-            ):
+            if not defaults.alone(run, "training_step"):
                 return "a plugin's training_step may have updated the weights in part"
         elif code.co_name in ("step", "zero_grad") and isinstance(
             frame.f_locals.get("self"), torch.optim.Optimizer | torch.optim.lr_scheduler.LRScheduler
@@ -549,7 +553,7 @@ class _Meter:
         if self.loss is None:
             self.loss = loss.detach().clone()
         else:
-            self.loss.add_(loss)  # _train_step's loss is already detached
+            self.loss.add_(loss)  # the step's loss is already detached
         self.steps += 1
 
     def log(self) -> None:
@@ -615,15 +619,16 @@ def preemption(run: Run) -> Iterator[None]:
     afterwards. A second signal is handled as it would have been without treadle (SIGINT
     raises ``KeyboardInterrupt``, SIGTERM ends the process).
     """
-    run._preempt_requests, run._preempted, run._signal = 0, False, None
-    run._preempt_reason = None
+    fit_state = run.fit_state
+    fit_state.preempt_requests, fit_state.preempted, fit_state.signal = 0, False, None
+    fit_state.preempt_reason = None
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous: dict[int, Any] = {}
 
     def handle(signum: int, frame: Any) -> None:
-        if run._signal is not None:  # the second one: the user insists
+        if fit_state.signal is not None:  # the second one: the user insists
             handler = previous.get(signum, signal.SIG_DFL)
             _restore(previous)
             if callable(handler):
@@ -631,10 +636,10 @@ def preemption(run: Run) -> Iterator[None]:
             elif handler != signal.SIG_IGN:
                 signal.raise_signal(signum)
             return
-        run._signal = signum
+        fit_state.signal = signum
         name = signal.Signals(signum).name
-        run._preempt_reason = f"preempted ({name})"
-        run._preempt_requests = PREEMPT
+        fit_state.preempt_reason = f"preempted ({name})"
+        fit_state.preempt_requests = PREEMPT
         if run.is_main_process:
             report(2, f"treadle: {name} received; finishing this step, saving and stopping "
                       f"(send {name} again to stop at once)\n")  # fmt: skip

@@ -17,6 +17,7 @@ declares (objects passed to ``treadle.Run`` still work). ``treadle plugins`` say
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import os
 import types
@@ -34,9 +35,9 @@ from treadle.errors import (
 )
 
 __all__ = [
-    "KINDS", "Entry", "Option", "adapt", "blocked", "component", "describe", "entries",
-    "factory", "installed", "instantiate", "jsonable", "load", "options", "plugin", "refresh",
-    "split_spec",
+    "KINDS", "Entry", "adapt", "blocked", "component", "describe", "entries",
+    "factory", "import_path", "installed", "instantiate", "jsonable", "load",
+    "plugin", "refresh", "split_spec",
 ]  # fmt: skip
 
 #: the distribution whose names ``TREADLE_DISABLE_PLUGIN_AUTOLOAD`` keeps
@@ -160,44 +161,6 @@ def load(kind: str, name: str) -> Any:
         return point.load()
     except (Exception, SystemExit) as exc:  # a module calling sys.exit() at import, too
         raise PluginLoadError(kind, name, entry.value, entry.distribution, exc) from exc
-
-
-class Option(NamedTuple):
-    """One option a component takes: what a ``{"name": ..., **options}`` table may hold."""
-
-    name: str  #: ``**options`` for a catch-all of forwarded options
-    type: str  #: the annotation as written, "" when there is none
-    default: str | None  #: ``repr`` of the default; None when required (or a catch-all)
-
-
-def options(target: Any) -> list[Option]:
-    """The options of a component class or factory, from its signature, less what the kernel
-    passes positionally (an optimizer factory's model, a scheduler factory's optimizer).
-
-    Raises:
-        TypeError, ValueError: ``target`` has no signature ``inspect`` can read.
-    """
-    import inspect
-
-    found = []
-    for parameter in inspect.signature(target).parameters.values():
-        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.VAR_POSITIONAL):
-            continue
-        catch_all = parameter.kind is parameter.VAR_KEYWORD
-        annotation = parameter.annotation
-        if annotation is parameter.empty:
-            written = ""
-        else:
-            written = (
-                annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
-            )
-        default = (
-            None if catch_all or parameter.default is parameter.empty else repr(parameter.default)
-        )
-        found.append(
-            Option(f"**{parameter.name}" if catch_all else parameter.name, written, default)
-        )
-    return found
 
 
 def _check_supported(entry: Entry) -> None:
@@ -370,3 +333,32 @@ def plugin(spec: Any) -> tuple[object, str]:
             f"plugin {spec.__qualname__} is a class: pass an instance, {spec.__qualname__}(...)"
         )
     return spec, getattr(spec, "name", None) or type(spec).__name__
+
+
+def import_path(path: str) -> Any:
+    """Resolve ``"package.module:attribute"`` (the attribute may be dotted): the one way a name
+    written in configuration (a run file, a plugin option) becomes code.
+
+    Raises:
+        ConfigError: ``path`` is not of that form, or the module or attribute does not exist.
+    """
+    if not isinstance(path, str):
+        raise ConfigError(
+            f"expected an import path 'package.module:attribute', got {type(path).__name__} "
+            f"{path!r}"
+        )
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(f"{path!r} is not an import path of the form 'package.module:attribute'")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} (from {path!r}): {exc}") from exc
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError(
+                f"{module_name!r} has no attribute {attribute!r} (from {path!r})"
+            ) from None
+    return target

@@ -24,7 +24,7 @@ from treadle.components import CheckpointFormat, Logger, Precision, Strategy
 from treadle.config import Config
 from treadle.errors import ConfigError, PluginError, Preempted, TreadleError, TreadleWarning
 from treadle.loop import END_EPOCH, EVAL, FINAL, LOG, SAVE, STOP
-from treadle.state import LossSum, State
+from treadle.state import FitState, LossSum, State
 
 __all__ = ["Run", "seed_everything"]
 
@@ -131,43 +131,24 @@ class Run:
         #: the checkpoint this run's state was loaded from (``Config.resume``), else None
         self.resumed_from: Path | None = None
         self._wrapped: nn.Module | None = None
-        self._requests = 0
-        self._stop_reason: str | None = None
-        self._skip_reason: str | None = None
-        self._eval_lengths: dict[str, int | None] = {}
-        self._resumed = False
-        self._stopping = False
-        self._batches_per_epoch: int | None = None
-        self._tokens_pending: torch.Tensor | int = 0
-        self._last_eval_step: int | None = None
-        self._last_save_step: int | None = None
-        # checkpoints and preemption (treadle.checkpoint, treadle.loop.preemption)
-        self._monitor_step: int | None = None
-        self._train_loader: Any = None
-        self._preempt_requests = 0
-        self._preempted = False
-        self._preempt_reason: str | None = None
-        self._signal: int | None = None
-        # a final stop: of this fit (recorded by its checkpoints), or of the checkpoint resumed
-        self._final_stop: str | None = None
-        self._resumed_stop: str | None = None
-        self._emergency: str | None = None  # why the checkpoint being written is an emergency one
         self._output_lock: lock.OutputLock | None = None
-        self._monitor_logged = False  # Config.monitor seen in a log during the current fit
+        #: what a fit keeps between steps (requests, the stop under way, ...): the loop's
+        self.fit_state = FitState()
 
         self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT)
         self.plugin_manager.add_hookspecs(hookspecs)
         self._registered: dict[str, int] = {}  # plugin name -> registration index
-        self._register(defaults, defaults.PLUGIN_NAME)
+        self._register(registry.load("plugin", defaults.PLUGIN_NAME), defaults.PLUGIN_NAME)
         for component in (self.strategy, self.precision, *self.loggers, self.checkpoint_format):
             if component is not None:
                 self._register(component, getattr(component, "name", type(component).__name__))
         for spec in defaults.sequence_of(plugins):
             self._register_plugin(spec)
         self._check_hooks()
-        self._listeners: dict[str, Any] = {}
-        self._plain_step = False  # loop.plain_step_applies, asked at each refresh
-        self._refresh_listeners()
+        #: hook name -> what calls its implementations, for the hooks that have any (the
+        #: kernel's own default alone is called directly); ``emit`` and the loop read it
+        self.listeners: dict[str, Any] = {}
+        self.refresh_listeners()
         try:
             self.emit("on_init_end", run=self)
         except Exception as exc:
@@ -208,7 +189,7 @@ class Run:
 
     def eval_length(self, name: str) -> int | None:
         """The number of batches of the evaluation set ``name``, if known."""
-        return self._eval_lengths.get(name)
+        return self.fit_state.eval_lengths.get(name)
 
     # ------------------------------------------------------------------ what plugins may change
 
@@ -220,8 +201,8 @@ class Run:
         further. ``final=False`` (a time budget, a planned pause) lets a resume continue, as
         after preemption.
         """
-        self._requests |= STOP | FINAL if final else STOP
-        self._stop_reason = reason
+        self.fit_state.requests |= STOP | FINAL if final else STOP
+        self.fit_state.stop_reason = reason
 
     def skip_step(self, reason: str) -> None:
         """Drop the current optimizer step; call it from ``on_before_optimizer_step``.
@@ -230,24 +211,24 @@ class Run:
         ``state.skipped_steps`` counts it and ``state.step`` still advances (as for a step the
         precision backend skips). ``on_after_optimizer_step`` still fires.
         """
-        self._skip_reason = reason
+        self.fit_state.skip_reason = reason
 
     def request_save(self) -> None:
         """Save a checkpoint at the next step boundary."""
-        self._requests |= SAVE
+        self.fit_state.requests |= SAVE
 
     def request_eval(self) -> None:
         """Evaluate at the next step boundary."""
-        self._requests |= EVAL
+        self.fit_state.requests |= EVAL
 
     def request_log(self) -> None:
         """Log training metrics at the next step boundary."""
-        self._requests |= LOG
+        self.fit_state.requests |= LOG
 
     def request_epoch_end(self) -> None:
         """End the current epoch at the next step boundary: the rest of its batches are skipped
         and the next epoch starts from its beginning (HF's ``should_epoch_stop``)."""
-        self._requests |= END_EPOCH
+        self.fit_state.requests |= END_EPOCH
 
     def log(self, metrics: Mapping[str, float]) -> None:
         """Send metrics to every ``on_log`` listener, with ``step`` and ``epoch`` added."""
@@ -255,8 +236,10 @@ class Run:
         self.state.last_metrics.update(record)
         monitor = self.config.monitor
         if monitor is not None and monitor in record:
-            self._monitor_logged = True
-            self._monitor_step = self.state.step  # a checkpoint of this step is ranked by it
+            self.fit_state.monitor_logged = True
+            self.fit_state.monitor_step = (
+                self.state.step
+            )  # a checkpoint of this step is ranked by it
             value = float(record[monitor])
             best = self.state.best_metric
             better = best is None or (
@@ -269,27 +252,27 @@ class Run:
 
     def is_stopping(self) -> bool:
         """Whether the current ``fit`` stops at this step boundary."""
-        return self._stopping
+        return self.fit_state.stopping
 
     def clear_stop(self) -> None:
         """Forget a stop of an earlier ``fit`` (each ``fit`` starts without one), and the final
         stop recorded by the checkpoint this run resumed from: the next ``fit`` trains on."""
-        self._stopping = False
-        self._resumed_stop = None
+        self.fit_state.stopping = False
+        self.fit_state.resumed_stop = None
 
     def fold_tokens(self) -> None:
         """Move the scored-token count kept on the device into ``state.tokens_seen``."""
-        if not isinstance(self._tokens_pending, int):
-            self.state.tokens_seen += int(self._tokens_pending.item())
-            self._tokens_pending = 0
+        if not isinstance(self.fit_state.tokens_pending, int):
+            self.state.tokens_seen += int(self.fit_state.tokens_pending.item())
+            self.fit_state.tokens_pending = 0
 
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate through the strategy, with the backward events around it."""
         # emit, inlined: this runs for every micro-batch (see loop._train_step)
-        if (hook := self._listeners.get("on_before_backward")) is not None:
+        if (hook := self.listeners.get("on_before_backward")) is not None:
             hook(run=self, loss=loss)
         self.strategy.backward(loss)
-        if (hook := self._listeners.get("on_after_backward")) is not None:
+        if (hook := self.listeners.get("on_after_backward")) is not None:
             hook(run=self)
 
     # ------------------------------------------------------------------ entry points
@@ -318,18 +301,18 @@ class Run:
             self._check_composition()
         if self.train_data is None:
             raise ConfigError("no training data: pass train_data to treadle.Run or to fit()")
-        self._monitor_logged = False
+        self.fit_state.monitor_logged = False
         with self._locked(), loop.preemption(self):
             state: State = self._guarded(loop.fit, self)
         self._warn_if_monitor_unseen()
-        if self._signal is not None or self._preempted:
+        if self.fit_state.signal is not None or self.fit_state.preempted:
             if self.checkpoint_format is None:
                 warnings.warn(
                     "the run was preempted, but checkpoint=None, so nothing was saved",
                     TreadleWarning,
                     stacklevel=2,
                 )
-            raise Preempted(self._signal or signal.SIGTERM, self.last_checkpoint)
+            raise Preempted(self.fit_state.signal or signal.SIGTERM, self.last_checkpoint)
         return state
 
     def evaluate(self, data: Any = None) -> dict[str, float]:
@@ -371,13 +354,13 @@ class Run:
 
     def emit(self, hook: str, **kwargs: Any) -> None:
         """Fire an event; an event nobody listens to costs one dictionary lookup."""
-        caller = self._listeners.get(hook)
+        caller = self.listeners.get(hook)
         if caller is not None:
             caller(**kwargs)
 
     def provide(self, hook: str, *, optional: bool = False, **kwargs: Any) -> Any:
         """Ask a provider hook; the kernel's own default is called directly when it is alone."""
-        caller = self._listeners[hook]
+        caller = self.listeners[hook]
         result = caller(**kwargs)
         if result is None and not optional:
             raise TreadleError(f"no implementation of {hook!r} returned a value")
@@ -406,31 +389,37 @@ class Run:
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise PluginError(plugin, hook_name, f"no such hook.{hint}")
 
-    def _refresh_listeners(self) -> None:
-        """Learn which hooks have implementations; the others are skipped by ``emit``."""
+    def refresh_listeners(self) -> None:
+        """Learn which hooks have implementations (the others are skipped by ``emit``), after
+        plugins were added; the loop's step is built again from them."""
         _apply_order(self.plugin_manager, self._registered)
         tracing.trace_hooks(self.plugin_manager)
-        self._listeners.clear()
+        self.listeners.clear()
         for hook_name in dir(self.plugin_manager.hook):
             caller = getattr(self.plugin_manager.hook, hook_name)
             if not isinstance(caller, pluggy.HookCaller):
                 continue
             impls = caller.get_hookimpls()
             if len(impls) == 1 and impls[0].plugin_name == defaults.PLUGIN_NAME:
-                self._listeners[hook_name] = impls[0].function  # the kernel's default, direct
+                self.listeners[hook_name] = impls[0].function  # the kernel's default, direct
             elif impls:
-                self._listeners[hook_name] = caller
-        self._plain_step = loop.plain_step_applies(self)
+                self.listeners[hook_name] = caller
+        self.fit_state.step = None
 
     def add_plugin(self, plugin: Any) -> None:
         """Register one more plugin (an object, module, name or option mapping)."""
         self._register_plugin(plugin)
         self._check_hooks()
-        self._refresh_listeners()
+        self.refresh_listeners()
 
     def _register_plugin(self, spec: Any) -> None:
         """A ``plugins=`` entry: it must implement a hook, or it would silently do nothing."""
         plugin, name = registry.plugin(spec)
+        if self.plugin_manager.is_registered(plugin):
+            raise ConfigError(
+                f"plugin {name!r} ({registry.describe(spec)}) is part of this run already (the "
+                "same object twice, or one the run registers itself); pass it once."
+            )
         undecorated = _undecorated_hooks(plugin)
         self._register(plugin, name)
         if not self.plugin_manager.get_hookcallers(plugin):
@@ -479,15 +468,10 @@ class Run:
         if not isinstance(exc, Exception) or isinstance(exc, TreadleError):
             return None
         owners: dict[types.CodeType, list[tuple[object, str, str]]] = {}
-        for hook_name in dir(self.plugin_manager.hook):
-            caller = getattr(self.plugin_manager.hook, hook_name)
-            if isinstance(caller, pluggy.HookCaller):
-                for impl in caller.get_hookimpls():
-                    if impl.plugin_name != defaults.PLUGIN_NAME:
-                        code = getattr(impl.function, "__code__", None)
-                        if code is not None:
-                            owner = (impl.plugin, impl.plugin_name, hook_name)
-                            owners.setdefault(code, []).append(owner)
+        for hook_name, impl in _implementations(self.plugin_manager):
+            code = getattr(impl.function, "__code__", None)
+            if code is not None and impl.plugin_name != defaults.PLUGIN_NAME:
+                owners.setdefault(code, []).append((impl.plugin, impl.plugin_name, hook_name))
         culprit = None
         traceback = exc.__traceback__
         while traceback is not None:
@@ -611,9 +595,9 @@ class Run:
 
     def _warn_if_monitor_unseen(self) -> None:
         config = self.config
-        if not config.keep_best or config.monitor is None or self._monitor_logged:
+        if not config.keep_best or config.monitor is None or self.fit_state.monitor_logged:
             return
-        if not self.is_main_process or self._preempted:
+        if not self.is_main_process or self.fit_state.preempted:
             return
         logged = sorted(set(self.state.last_metrics) - {"step", "epoch"}) or ["(nothing)"]
         warnings.warn(
@@ -632,7 +616,7 @@ class Run:
         except TreadleError:
             raise
         except Exception as exc:
-            if self._listeners.get(f"make_{kind}") is not getattr(defaults, f"make_{kind}"):
+            if not defaults.alone(self, f"make_{kind}"):
                 raise
             raise ConfigError(
                 f"{kind} {registry.describe(spec)}: building it raised {type(exc).__name__}: {exc}"
@@ -683,7 +667,7 @@ class Run:
             )
         if self.scheduler is not None and _has_hookimpls(self.scheduler):
             self._register(self.scheduler, f"scheduler:{type(self.scheduler).__name__}")
-            self._refresh_listeners()
+            self.refresh_listeners()
 
 
 _PROVIDERS = ("compute_loss", "training_step", "eval_step", "predict_step")
@@ -709,6 +693,15 @@ def _apply_order(manager: pluggy.PluginManager, registered: Mapping[str, int]) -
         manager.unregister(plugin, name=name)
     for name, plugin in reversed(wanted):
         manager.register(plugin, name=name)
+
+
+def _implementations(manager: pluggy.PluginManager) -> Iterator[tuple[str, Any]]:
+    """(hook name, implementation) for every implementation of every hook."""
+    for hook_name in dir(manager.hook):
+        caller = getattr(manager.hook, hook_name)
+        if isinstance(caller, pluggy.HookCaller):
+            for impl in caller.get_hookimpls():
+                yield hook_name, impl
 
 
 def _order_of(name: str, plugin: object) -> int:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import attrs
 import torch
 
-__all__ = ["LossSum", "State"]
+__all__ = ["FitState", "LossSum", "State"]
 
 
 class LossSum(NamedTuple):
@@ -54,3 +55,48 @@ class State:
     def from_dict(cls, values: Mapping[str, Any]) -> State:
         known = {field.name for field in attrs.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclasses.dataclass(eq=False)
+class FitState:
+    """What a fit keeps besides ``State``, and never checkpoints: plugins' requests, the stop
+    under way, preemption, the training data's shape, when it last evaluated and saved.
+
+    The loop owns it (``run.fit_state``, one per run); ``Run``'s methods (``request_stop``,
+    ``skip_step``, ...) are how plugins change it, and nothing else writes it.
+    """
+
+    #: requests pending until the next step boundary: bits of ``treadle.loop`` (STOP, SAVE, ...)
+    requests: int = 0
+    #: why the fit is to stop (a plugin's reason, "max_steps", "preempted (SIGTERM)", ...)
+    stop_reason: str | None = None
+    #: the fit stops at this step boundary (``run.is_stopping()``)
+    stopping: bool = False
+    #: a final stop of this fit (its checkpoints record it), and of the checkpoint resumed
+    final_stop: str | None = None
+    resumed_stop: str | None = None
+    #: why the current optimizer step is dropped (``run.skip_step``), until it is
+    skip_reason: str | None = None
+    #: a signal arrived (the number), the stop it asked for is under way, and in words
+    signal: int | None = None
+    preempt_requests: int = 0
+    preempted: bool = False
+    preempt_reason: str | None = None
+    #: the checkpoint named by ``Config.resume`` is loaded (a later fit does not load it again)
+    resumed: bool = False
+    #: the training loader of this fit and its length (None: unknown)
+    train_loader: Any = None
+    batches_per_epoch: int | None = None
+    #: each eval set's number of batches, once evaluated
+    eval_lengths: dict[str, int | None] = dataclasses.field(default_factory=dict)
+    #: scored tokens not yet added to ``State.tokens_seen`` (kept on the device)
+    tokens_pending: torch.Tensor | int = 0
+    last_eval_step: int | None = None
+    last_save_step: int | None = None
+    #: the step ``Config.monitor`` was last logged at; whether this fit logged it
+    monitor_step: int | None = None
+    monitor_logged: bool = False
+    #: why the checkpoint being written is an emergency one (a failure), else None
+    emergency: str | None = None
+    #: the optimizer step of this fit, built when it starts (``treadle.loop.build_step``)
+    step: Callable[[list[Any]], torch.Tensor] | None = None

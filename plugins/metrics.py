@@ -352,7 +352,7 @@ def default_adapter(outputs: Mapping[str, Any], batch: Any) -> tuple[Any, Any]:
 
 def _callable(option: str, value: Any) -> Callable[..., Any]:
     if isinstance(value, str):  # an import path from a run file
-        from treadle.cli import import_path
+        from treadle.registry import import_path
 
         value = import_path(value)
     if not callable(value):

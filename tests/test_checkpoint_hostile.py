@@ -25,6 +25,7 @@ from ckpt_runs import make_run
 import treadle
 from treadle import checkpoint
 from treadle.errors import CheckpointError, TreadleError, TreadleWarning
+from treadle.plugins.export import export
 
 STEP2, STEP4 = "step-000002", "step-000004"
 
@@ -305,7 +306,7 @@ def test_a_fifo_in_a_checkpoint_never_blocks(out: Path, tmp_path: Path, name: st
     except TreadleError as exc:
         assert "regular file" in str(exc) or "no safetensors checkpoint" in str(exc)
     with pytest.raises(CheckpointError, match="not a regular file"):
-        checkpoint.export(path, tmp_path / "export")
+        export(path, tmp_path / "export")
     run, recorder = fresh_run(out, resume="auto")
     with pytest.warns(TreadleWarning, match=rf"{STEP4}.*{name}.*not a regular file"):
         run.fit()

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from treadle.cli import apply_overrides, build_run, main
+from treadle.cli import main
 from treadle.errors import ConfigError
+from treadle.plugins.commands.runfile import apply_overrides, build_run
 
 FILE = """
 model = "toy:model"

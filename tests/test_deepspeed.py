@@ -26,6 +26,7 @@ import treadle
 from treadle import checkpoint, registry, testing
 from treadle.errors import ConfigError, TreadleError, UnknownNameError
 from treadle.plugins.checkpoint.deepspeed_format import DeepSpeedFormat
+from treadle.plugins.export import export
 from treadle.plugins.strategies import deepspeed as deepspeed_strategy
 from treadle.plugins.strategies.deepspeed import DeepSpeedStrategy
 
@@ -158,7 +159,7 @@ def test_resume_from_a_deepspeed_checkpoint_continues_exactly_and_exports(
             "treadle-deepspeed-entry-point",
             {"treadle.checkpoint": {"deepspeed": f"{DeepSpeedFormat.__module__}:DeepSpeedFormat"}},
         )
-    out = checkpoint.export(saved, tmp_path / "export")
+    out = export(saved, tmp_path / "export")
     exported = load_file(out / "model.safetensors")
     assert exported.keys() == consolidated.keys()
     assert all(torch.equal(exported[k], consolidated[k]) for k in exported)
@@ -344,9 +345,9 @@ name = "{checkpoint}"
 
 
 def test_the_deepspeed_launcher_gets_its_options_and_treadle_run() -> None:
-    from treadle import cli
+    from treadle.plugins.commands import launch
 
-    launcher, rest = cli.split_launcher(
+    launcher, rest = launch.split_launcher(
         ["--launcher", "deepspeed", "--num_gpus", "2", "--master_port", "29600", "run.toml",
          "--set", "max_steps=5"]
     )  # fmt: skip
@@ -355,13 +356,13 @@ def test_the_deepspeed_launcher_gets_its_options_and_treadle_run() -> None:
         "--num_gpus", "2", "--master_port", "29600", "--no_local_rank", "--module",
         "treadle", "run", "run.toml", "--set", "max_steps=5",
     ]  # fmt: skip
-    assert cli.split_launcher(["--launcher=torchrun", "run.toml"]) == ("torchrun", ["run.toml"])
-    assert cli.split_launcher(["--nproc-per-node", "2", "run.toml"])[0] == "torchrun"
+    assert launch.split_launcher(["--launcher=torchrun", "run.toml"]) == ("torchrun", ["run.toml"])
+    assert launch.split_launcher(["--nproc-per-node", "2", "run.toml"])[0] == "torchrun"
     # a launcher other than torchrun is a strategy's own: the kernel names none
     with pytest.raises(UnknownNameError, match="unknown strategy 'mpirun'"):
-        cli._strategy_launch("mpirun", ["run.toml"])
+        launch._strategy_launch("mpirun", ["run.toml"])
     with pytest.raises(ConfigError, match="strategy 'ddp' has no launcher of its own"):
-        cli._strategy_launch("ddp", ["run.toml"])
+        launch._strategy_launch("ddp", ["run.toml"])
     with pytest.raises(ConfigError, match="--module and --no_python"):
         deepspeed_strategy.launch_argv(["--module", "run.toml"])
 
@@ -370,7 +371,7 @@ def test_the_deepspeed_launcher_gets_its_options_and_treadle_run() -> None:
 def test_treadle_launch_with_the_deepspeed_launcher(tmp_path: Path, fake_dist: Any) -> None:
     import sys
 
-    from treadle import cli
+    from treadle.plugins.commands import runfile
 
     missing = {
         group: {"deepspeed": target}
@@ -387,7 +388,7 @@ def test_treadle_launch_with_the_deepspeed_launcher(tmp_path: Path, fake_dist: A
         LAUNCHED_RUN.format(batch_size=8, output_dir=tmp_path / "single", save="false",
                             strategy='name = "single"\ndevice = "cpu"', checkpoint="safetensors")
     )  # fmt: skip
-    with cli.build_run(reference) as run:
+    with runfile.build_run(reference) as run:
         run.fit()
         expected = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     launched = tmp_path / "deepspeed.toml"

@@ -140,12 +140,12 @@ def test_config_reference_has_every_field() -> None:
 
 
 def test_run_file_schema_has_every_accepted_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    from treadle import cli
+    from treadle.plugins.commands import runfile
 
     page = gen.run_file_schema()
-    for key in cli._RUN_KEYS:
+    for key in runfile.RUN_KEYS:
         assert f"| `{key}` |" in page, key
-    monkeypatch.setattr(cli, "_RUN_KEYS", {*cli._RUN_KEYS, "callbacks"})
+    monkeypatch.setattr(runfile, "RUN_KEYS", {*runfile.RUN_KEYS, "callbacks"})
     with pytest.raises(gen.DocsError, match="callbacks"):
         gen.run_file_schema()
 

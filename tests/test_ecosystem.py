@@ -62,6 +62,26 @@ def test_a_disabled_name_is_hidden_and_says_why(
     assert "early-stopping" in registry.entries("plugin")
 
 
+def test_hiding_the_defaults_plugin_fails_every_run_clearly(
+    regression: tuple[torch.nn.Module, list[dict[str, torch.Tensor]]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    model, data = regression
+    monkeypatch.setenv("TREADLE_DISABLE_PLUGINS", "plugin:defaults")
+    registry.refresh()
+    try:
+        with pytest.raises(TreadleError) as info:
+            treadle.Run(model, data, config={"output_dir": str(tmp_path)}, loggers=[])
+    finally:
+        monkeypatch.delenv("TREADLE_DISABLE_PLUGINS")
+        registry.refresh()
+    assert str(info.value) == (
+        "plugin 'defaults' is installed but hidden by TREADLE_DISABLE_PLUGINS=plugin:defaults; "
+        "unset it (or remove 'defaults' from it) to use 'defaults'"
+    )
+
+
 def test_autoload_off_keeps_only_first_party_names(
     fake_dist: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -135,9 +155,7 @@ def test_trace_hooks_writes_every_call_with_its_plugin(
     steps = [line for line in lines if line.startswith("treadle trace: on_step_end Listener ")]
     assert len(steps) == 3
     assert all(line.endswith(" ms") for line in steps)
-    assert any(
-        " compute_loss treadle.defaults " in line for line in lines
-    )  # the kernel's default too
+    assert any(" compute_loss defaults " in line for line in lines)  # the kernel's default too
 
 
 def test_no_trace_without_the_variable(
@@ -154,7 +172,7 @@ def test_no_trace_without_the_variable(
     )
     run.fit()
     assert "treadle trace" not in capsys.readouterr().err
-    assert not hasattr(run._listeners["compute_loss"], "_treadle_traced")
+    assert not hasattr(run.listeners["compute_loss"], "_treadle_traced")
 
 
 class Called:

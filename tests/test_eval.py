@@ -185,7 +185,7 @@ def test_compute_metrics_must_return_numbers(tmp_path: Path) -> None:
 
 def test_predictions_are_not_kept_without_compute_metrics(tmp_path: Path) -> None:
     run = _run(tmp_path, [])
-    assert "compute_metrics" not in run._listeners  # nothing to keep them for
+    assert "compute_metrics" not in run.listeners  # nothing to keep them for
 
 
 # ------------------------------------------------------------------ best metric, early stopping

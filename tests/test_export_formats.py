@@ -11,6 +11,7 @@ import toy
 
 import treadle
 from treadle import checkpoint, cli
+from treadle.plugins.export import export
 
 FORMAT = """
 import json
@@ -59,10 +60,10 @@ def test_unknown_format_options_are_refused_by_name(trained: Path, tmp_path: Pat
     with pytest.raises(
         treadle.ConfigError, match=r"checkpoint format 'tagged': invalid options \['colour'\]"
     ):
-        checkpoint.export(trained, tmp_path / "out", format={"name": "tagged", "colour": 1})
+        export(trained, tmp_path / "out", format={"name": "tagged", "colour": 1})
 
 
 def test_a_failing_writer_leaves_no_folder_behind(trained: Path, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="disk full"):
-        checkpoint.export(trained, tmp_path / "out", format={"name": "tagged", "fail": True})
+        export(trained, tmp_path / "out", format={"name": "tagged", "fail": True})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "site"]

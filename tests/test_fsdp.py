@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from treadle import ConfigError, TreadleError, checkpoint, registry, testing
+from treadle import ConfigError, TreadleError, checkpoint, load_weights, registry, testing
 from treadle.plugins.checkpoint.dcp_format import DCPFormat
+from treadle.plugins.export import export
 from treadle.plugins.strategies.fsdp import FSDPStrategy
 
 CPU_FSDP = functools.partial(FSDPStrategy, device="cpu")
@@ -54,10 +55,10 @@ def test_dcp_checkpoint_exports_to_a_plain_model(tmp_path: Path) -> None:
     for name, tensor in result["weights"].items():
         assert torch.equal(plain.state_dict()[name], tensor), name
 
-    if "dcp" in registry.entries("checkpoint"):  # the kernel's export, once dcp is declared
-        out = checkpoint.export(path, tmp_path / "export")
+    if "dcp" in registry.entries("checkpoint"):  # the export, once dcp is declared
+        out = export(path, tmp_path / "export")
         again = testing.TinyModel()
-        checkpoint.load_weights(again, out)
+        load_weights(again, out)
         for name, tensor in result["weights"].items():
             assert torch.equal(again.state_dict()[name], tensor), name
 

@@ -51,6 +51,7 @@ def test_composing_a_run_imports_only_the_named_components() -> None:
     )
     plugins = sorted(m for m in modules if m.startswith("treadle.plugins."))
     assert plugins == [
+        "treadle.plugins.defaults",
         "treadle.plugins.loggers",
         "treadle.plugins.loggers.jsonl",
         "treadle.plugins.optimizers",

@@ -13,8 +13,9 @@ import toy
 from torch.utils.data import DataLoader
 
 import treadle
-from treadle.cli import build_run, main
+from treadle.cli import main
 from treadle.errors import ConfigError, TreadleError, TreadleWarning
+from treadle.plugins.commands.runfile import build_run
 
 # ------------------------------------------------------------------ Config
 

@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from treadle import ConfigError, cli, registry, testing
+from treadle.plugins.commands import launch
 
 ROOT = Path(__file__).parents[1]
 
@@ -38,7 +39,7 @@ def _needs_ddp_by_name() -> None:
 
 
 def test_torchrun_options_pass_through_and_run_options_follow_the_run_file() -> None:
-    argv = cli.launch_argv(
+    argv = launch.launch_argv(
         ["--nproc-per-node", "2", "--nnodes=2", "--rdzv-backend", "c10d",
          "--rdzv-endpoint", "head:29400", "run.toml", "--set", "max_steps=5"]
     )  # fmt: skip
@@ -51,7 +52,7 @@ def test_torchrun_options_pass_through_and_run_options_follow_the_run_file() -> 
 
 def test_launch_refuses_another_program() -> None:
     with pytest.raises(ConfigError, match="--no-python"):
-        cli.launch_argv(["--nproc-per-node", "2", "--no-python", "run.toml"])
+        launch.launch_argv(["--nproc-per-node", "2", "--no-python", "run.toml"])
 
 
 def test_launch_hands_the_argv_to_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,6 +70,7 @@ def test_wheel_contents(tmp_path: Path) -> None:
         "treadle/plugins/strategies/single.py",
         "treadle/plugins/loggers/console.py",
         "treadle/plugins/optimizers.py",
+        "treadle/plugins/commands/run.py",
     ]:
         assert required in names, required
     assert not [n for n in names if n.startswith(("core/", "plugins/", "tests/"))]
@@ -86,6 +87,7 @@ def test_wheel_contents(tmp_path: Path) -> None:
         "treadle.logger",
         "treadle.checkpoint",
         "treadle.plugin",
+        "treadle.command",
         "console_scripts",
     ]:
         assert f"[{group}]" in entry_points, group

@@ -13,8 +13,8 @@ import torch
 import toy
 
 import treadle
-from treadle.cli import build_run
 from treadle.errors import ConfigError, PluginError, PluginLoadError, TreadleWarning
+from treadle.plugins.commands.runfile import build_run
 
 _BROKEN = {
     "boom_init": """
@@ -242,3 +242,17 @@ def test_an_installed_adapter_turns_a_foreign_object_into_a_plugin(fake_dist: An
     # an object no adapter accepts is still refused, naming the fix
     with pytest.raises(treadle.ConfigError, match="install the treadle adapter package"):
         treadle.Run(toy.model(), toy.train_data(), loggers=[], plugins=[object()])
+
+
+@pytest.mark.parametrize("twice", ["same object", "defaults"])
+def test_a_plugin_passed_twice_is_refused_naming_it(twice: str) -> None:
+    class Once:
+        @treadle.hookimpl
+        def on_step_end(self) -> None:
+            pass
+
+    once = Once()
+    plugins: list[Any] = [once, once] if twice == "same object" else ["defaults"]
+    name = "Once" if twice == "same object" else "defaults"
+    with pytest.raises(ConfigError, match=rf"plugin '{name}' .* is part of this run already"):
+        treadle.Run(toy.model(), toy.train_data(), loggers=[], checkpoint=None, plugins=plugins)

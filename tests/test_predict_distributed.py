@@ -25,9 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import treadle
-from treadle.components import Strategy
 from treadle.errors import TreadleWarning
-from treadle.gather import interleave_order
+from treadle.plugins.strategies._gather import ShardedEvaluation, interleave_order
 from treadle.plugins.strategies.single import SingleDevice
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -104,8 +103,9 @@ class _Exchange:
         self.barrier = threading.Barrier(world, timeout=60)
 
 
-class ThreadRank(Strategy):
-    """A rank of an in-process world: collectives exchange objects between threads."""
+class ThreadRank(ShardedEvaluation):
+    """A rank of an in-process world: collectives exchange objects between threads; the
+    sampler's padding is cut and outputs are gathered as every multi-process strategy does."""
 
     name = "thread-rank"
 

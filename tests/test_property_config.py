@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import treadle
-from treadle.cli import build_run, main
+from treadle.cli import main
 from treadle.errors import TreadleError
+from treadle.plugins.commands.runfile import build_run
 
 BUDGET = settings(
     max_examples=100,

@@ -251,8 +251,8 @@ def test_public_surface_is_small_and_typed() -> None:
 
 
 def test_standard_dataloaders_are_resampled_even_over_plain_lists(tmp_path: Path) -> None:
-    from treadle import defaults
     from treadle.data import ResumableSampler
+    from treadle.plugins import defaults
 
     rows = [{"x": torch.randn(4), "y": torch.randn(())} for _ in range(10)]
     run = treadle.Run(

@@ -108,7 +108,7 @@ def test_toml_run_gives_the_same_weights_as_the_python_api(tmp_path: Path) -> No
 
 
 def test_toml_overrides_and_errors(tmp_path: Path) -> None:
-    from treadle.cli import build_run
+    from treadle.plugins.commands.runfile import build_run
 
     run_file = tmp_path / "run.toml"
     run_file.write_text(RUN_FILE.format(output=tmp_path / "o"))
@@ -139,7 +139,7 @@ def test_a_run_file_builds_its_model_in_the_strategys_init_context(
     """What lets a run file build a model on the meta device (fsdp) or partitioned (ZeRO-3)."""
     import contextlib
 
-    from treadle.cli import build_run
+    from treadle.plugins.commands.runfile import build_run
     from treadle.plugins.strategies.single import SingleDevice
 
     built_inside: list[bool] = []

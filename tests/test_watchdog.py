@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import treadle
-from treadle import testing, watchdog
+from treadle import testing
 from treadle.errors import ConfigError, TreadleError
+from treadle.plugins.strategies import _watchdog as watchdog
 from treadle.plugins.strategies.ddp import DDPStrategy
 
 WORKER = Path(__file__).parent / "fixtures" / "watchdog_worker.py"

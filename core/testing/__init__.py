@@ -46,6 +46,7 @@ from treadle.testing.strategy import (
     StrategyConformance,
     check_agreed_stop,
     check_checkpoint_roundtrip,
+    check_eval_gather,
     check_loss_parity,
     check_no_sync,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "WorkerFailed",
     "check_agreed_stop",
     "check_checkpoint_roundtrip",
+    "check_eval_gather",
     "check_loss_parity",
     "check_no_sync",
     "free_port",

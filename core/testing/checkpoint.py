@@ -23,9 +23,9 @@ __all__ = ["CheckpointConformance"]
 
 
 def _build(spec: Any) -> CheckpointFormat:
-    from treadle.registry import component
+    from treadle.registry import component as build
 
-    component = component("checkpoint", fresh(spec), CheckpointFormat)
+    component = build("checkpoint", fresh(spec), CheckpointFormat)
     assert isinstance(component, CheckpointFormat)
     return component
 

@@ -22,9 +22,9 @@ __all__ = ["LoggerConformance"]
 
 
 def _build(spec: Any) -> Logger:
-    from treadle.run import _component
+    from treadle.registry import component as build
 
-    component = _component("logger", fresh(spec), Logger)
+    component = build("logger", fresh(spec), Logger)
     assert isinstance(component, Logger)
     return component
 

@@ -20,9 +20,9 @@ __all__ = ["PrecisionConformance"]
 
 
 def _build(spec: Any) -> Precision:
-    from treadle.registry import component
+    from treadle.registry import component as build
 
-    component = component("precision", fresh(spec), Precision)
+    component = build("precision", fresh(spec), Precision)
     assert isinstance(component, Precision)
     return component
 

@@ -271,17 +271,21 @@ def _kill(processes: Sequence[subprocess.Popen[Any]]) -> None:
         if process.poll() is not None:
             continue  # exited and reaped: its pid may already belong to another process
         # Listed first: once a parent dies its children are adopted by init and lost to us.
-        family = [process.pid, *_descendants(process.pid)]
-        for pid in family:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                group = os.getpgid(pid)
-                if group != own_group:
-                    os.killpg(group, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        for pid in [process.pid, *_descendants(process.pid)]:
+            _kill_one(pid, own_group)
     for process in processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
+
+
+def _kill_one(pid: int, own_group: int) -> None:
+    """SIGKILL ``pid`` and its process group, unless that group is ours."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        group = os.getpgid(pid)
+        if group != own_group:
+            os.killpg(group, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -8,12 +8,14 @@ Any strategy, first-party or a third party's, checks itself against the same sui
         strategy = functools.partial(MyStrategy, device="cpu")
 
 or calls the checks one by one: :func:`check_loss_parity`, :func:`check_checkpoint_roundtrip`,
-:func:`check_agreed_stop`, :func:`check_no_sync`. Each starts ``world_size`` fresh Python
-processes on this machine with :func:`~treadle.testing.run_distributed` (a process group over
-127.0.0.1, gloo by default), trains a tiny model in them and compares the result with what the
-strategy promises: the weights of a one-process run with the same global batch, a resumed run
-that ends where an uninterrupted one does, ranks that stop together, gradients that are not
-synchronised inside ``no_sync``.
+:func:`check_agreed_stop`, :func:`check_no_sync`, :func:`check_eval_gather`. Each starts
+``world_size`` fresh Python processes on this machine with
+:func:`~treadle.testing.run_distributed` (a process group over 127.0.0.1, gloo by default),
+trains or evaluates a tiny model in them and compares the result with what the strategy
+promises: the weights of a one-process run with the same global batch, a resumed run that ends
+where an uninterrupted one does, ranks that stop together, gradients that are not synchronised
+inside ``no_sync``, evaluation and prediction that see each sample once and return every
+rank's outputs in the data set's order.
 
 A strategy is given as a class or ``functools.partial`` importable by name (the processes
 import it), an entry-point name, or a ``{"name": ..., **options}`` mapping. Options must be
@@ -41,6 +43,7 @@ __all__ = [
     "StrategyConformance",
     "check_agreed_stop",
     "check_checkpoint_roundtrip",
+    "check_eval_gather",
     "check_loss_parity",
     "check_no_sync",
 ]
@@ -264,6 +267,42 @@ def _no_sync_worker(strategy: Any, settings: dict[str, Any]) -> dict[str, Any]:
         return {"inside": inside, "after": after, "expected": expected}
     finally:
         run.close()
+
+
+class _EvalRecord:
+    """The rows every evaluation batch had when the hooks saw it, and compute_metrics' labels;
+    ``predict_step`` returns each batch's labels."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.labels: torch.Tensor | None = None
+
+    @hookimpl
+    def on_eval_step_end(self, batch: Mapping[str, torch.Tensor]) -> None:
+        self.rows += len(batch["y"])
+
+    @hookimpl
+    def compute_metrics(self, labels: torch.Tensor) -> dict[str, float]:
+        self.labels = labels
+        return {}
+
+    @hookimpl
+    def predict_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"y": batch["y"]}
+
+
+def _eval_worker(strategy: Any, output_dir: str, length: int, batch_size: int) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    record = _EvalRecord()
+    with _make_run(
+        strategy, output_dir=output_dir, max_steps=1, batch_size=batch_size,
+        grad_accum_steps=1, plugins=[record],
+    ) as run:  # fmt: skip
+        data = DataLoader(tiny_data(length), batch_size=batch_size)
+        loss = run.evaluate(data)["eval/loss"]
+        predicted = [batch["y"] for batch in run.predict(data)]
+    return {"loss": loss, "rows": record.rows, "labels": record.labels, "predicted": predicted}
 
 
 def _full_grads(strategy: Any, model: nn.Module) -> dict[str, torch.Tensor | None]:
@@ -549,6 +588,69 @@ def check_no_sync(
         )
 
 
+def check_eval_gather(
+    strategy: Any,
+    *,
+    world_size: int = 2,
+    length: int = 13,
+    batch_size: int = 3,
+    reference: Any = REFERENCE,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    timeout: float = 180.0,
+) -> dict[str, Any]:
+    """Evaluation and prediction over sharded data see each sample once, in the data set's order.
+
+    Each rank evaluates and predicts its shard of ``length`` rows (by default not a multiple
+    of ``world_size``, so the sampler pads the shards, and with ``batch_size`` 3 one rank's
+    last batch is padding only). The hooks of all ranks together must see ``length`` rows;
+    every rank's ``compute_metrics`` must get every label in the data set's order, and its
+    ``predict()`` every rank's outputs in that order, batched as one process batches them; the
+    evaluation loss must be the reference's (one process).
+
+    Returns:
+        ``{"loss": ..., "reference_loss": ...}``.
+    """
+    with _scratch() as root:
+        single = _eval_worker(_portable(reference), f"{root}/reference", length, batch_size)
+        results = run_distributed(
+            _eval_worker,
+            _portable(strategy),
+            f"{root}/distributed",
+            length,
+            batch_size,
+            world_size=world_size,
+            timeout=timeout,
+        )
+    rows = [result["rows"] for result in results]
+    if sum(rows) != length:
+        raise AssertionError(
+            f"the ranks' evaluation hooks saw {rows} rows, {sum(rows)} in all, for {length} "
+            "samples: the sampler's padding must be cut off (each sample seen once)"
+        )
+    labels = single["labels"]
+    for rank, result in enumerate(results):
+        seen = result["labels"]
+        if seen is None or not torch.equal(seen, labels):
+            raise AssertionError(
+                f"rank {rank}: compute_metrics got labels {seen}, not every rank's, once each, in "
+                f"the data set's order: {labels}"
+            )
+        if [len(y) for y in result["predicted"]] != [len(y) for y in single["predicted"]] or (
+            not torch.equal(torch.cat(result["predicted"]), labels)
+        ):
+            raise AssertionError(
+                f"rank {rank}: predict() returned {result['predicted']}, not every rank's outputs "
+                f"in the data set's order, batched as one process has them: {single['predicted']}"
+            )
+        if not _close(result["loss"], single["loss"], atol=atol, rtol=rtol):
+            raise AssertionError(
+                f"rank {rank}: evaluation loss {result['loss']} differs from the reference's "
+                f"{single['loss']}"
+            )
+    return {"loss": results[0]["loss"], "reference_loss": single["loss"]}
+
+
 class StrategyConformance:
     """Subclass it in a test module to run every check against a strategy::
 
@@ -612,3 +714,12 @@ class StrategyConformance:
 
             pytest.skip("one process: there is no synchronisation to skip")
         check_no_sync(self._strategy(), world_size=self.world_size, timeout=self.timeout)
+
+    def test_eval_gather(self) -> None:
+        check_eval_gather(
+            self._strategy(),
+            world_size=self.world_size,
+            atol=self.atol,
+            rtol=self.rtol,
+            timeout=self.timeout,
+        )

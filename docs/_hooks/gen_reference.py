@@ -9,7 +9,8 @@ stale:
 - ``reference/components.md``: every entry point of the installed ``treadle`` distribution, by
   kind, with its options (signature: type, default; docstring ``Args:``/``Options:``: meaning);
 - ``reference/config.md``: every ``treadle.Config`` field, its type, default and ``#:`` comment;
-- ``reference/run-file.md``: every top-level key a ``treadle run`` file accepts (``cli._RUN_KEYS``);
+- ``reference/run-file.md``: every top-level key a ``treadle run`` file accepts
+  (``treadle.plugins.commands.runfile.RUN_KEYS``);
 - ``reference/api.md``: the public Python API, rendered by mkdocstrings;
 - and, inside hand-written pages, a marker line ``<!-- generated: NAME -->`` is replaced by the
   generated text ``NAME`` (``loop``: the loop of hookspecs' docstring; ``first-party-plugins``
@@ -301,10 +302,10 @@ def options_of(obj: Any) -> list[tuple[str, str, str, str]]:
     for source in sources:
         if source is not object and source.__doc__:
             docs |= split_sections(inspect.cleandoc(source.__doc__))[1]
-    from treadle import registry
+    from treadle.plugins.commands.plugins import options
 
     rows = []
-    for option in registry.options(obj):
+    for option in options(obj):
         name = option.name
         # a factory whose signature shows the options it forwards (the optimizers show their
         # torch class's) documents them all at once, as ``**options``
@@ -372,7 +373,7 @@ def component_reference() -> str:
             ]
             if kind in _NO_OPTIONS:
                 continue
-            rows = options_of(obj)
+            rows = [] if inspect.ismodule(obj) else options_of(obj)  # a module takes none
             if not rows:
                 lines += ["", "No options."]
                 continue
@@ -450,8 +451,8 @@ def config_reference() -> str:
 
 # ------------------------------------------------------------------------------ run file
 
-#: What each top-level key of a run file is. A key ``treadle.cli`` accepts without a row here,
-#: or a row for a key it does not accept, fails the build.
+#: What each top-level key of a run file is. A key ``treadle.plugins.commands.runfile``
+#: accepts without a row here, or a row for a key it does not accept, fails the build.
 RUN_KEYS: dict[str, tuple[str, str, str]] = {
     "model": (
         "string or table",
@@ -526,9 +527,9 @@ RUN_KEYS: dict[str, tuple[str, str, str]] = {
 
 
 def run_file_keys() -> set[str]:
-    from treadle import cli
+    from treadle.plugins.commands import runfile
 
-    return set(cli._RUN_KEYS)
+    return set(runfile.RUN_KEYS)
 
 
 def run_file_schema() -> str:
@@ -536,7 +537,7 @@ def run_file_schema() -> str:
     missing, stale = sorted(accepted - set(RUN_KEYS)), sorted(set(RUN_KEYS) - accepted)
     if missing or stale:
         raise DocsError(
-            "docs/_hooks/gen_reference.py RUN_KEYS must describe every key treadle.cli accepts: "
+            "docs/_hooks/gen_reference.py RUN_KEYS must describe every key a run file accepts: "
             f"undescribed {missing}, not accepted {stale}"
         )
     lines = [
@@ -544,9 +545,10 @@ def run_file_schema() -> str:
         "",
         "A run file is the TOML form of `treadle.Run(...)`, started with `treadle run FILE` "
         "(or `treadle launch --nproc-per-node N FILE`). These are all the top-level keys it "
-        "accepts (generated from `treadle.cli` when the site is built); any other key is an "
-        "error naming the known ones. Import paths are resolved with the run file's folder and "
-        "the current directory on `sys.path`. Tutorial: [a run file](../tutorials/run-file.md).",
+        "accepts (generated from `treadle.plugins.commands.runfile` when the site is built); "
+        "any other key is an error naming the known ones. Import paths are resolved with the "
+        "run file's folder and the current directory on `sys.path`. Tutorial: "
+        "[a run file](../tutorials/run-file.md).",
         "",
         "| key | TOML type | required / default | what it is |",
         "|---|---|---|---|",

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def new_plugin(arguments: Sequence[str]) -> int:
-    """Run ``treadle new-plugin ARGUMENTS``; return the exit code.
+    """write a plugin package treadle-NAME/ to start from: entry point, component, test, README
 
     A bad kind, name or existing folder raises ``treadle.ConfigError`` (the ``treadle``
     command prints it and exits with 2).

@@ -150,7 +150,9 @@ def render(text: str, values: Mapping[str, str]) -> str:
 _IMPORTS = {
     "contextlib": ("plain", "import contextlib"),
     "json": ("plain", "import json"),
+    "Callable": ("plain", "from collections.abc import Callable"),
     "Iterable": ("plain", "from collections.abc import Iterable"),
+    "Iterator": ("plain", "from collections.abc import Iterator"),
     "Mapping": ("plain", "from collections.abc import Mapping"),
     "MutableMapping": ("plain", "from collections.abc import MutableMapping"),
     "Path": ("plain", "from pathlib import Path"),

@@ -116,7 +116,7 @@ class Throughput:
             )
         self.tokens_per_sample = tokens_per_sample
         if isinstance(count_tokens, str):
-            from treadle.cli import import_path
+            from treadle.registry import import_path
 
             count_tokens = import_path(count_tokens)
         if count_tokens is not None and not callable(count_tokens):

@@ -14,7 +14,7 @@ file is a pickle; it is read with an unpickler that admits only DCP's own metada
 ``torch.Size``, dtypes, layouts and paths, so a crafted file cannot run code. Entries that are
 not tensors (DCP can store pickled objects) are refused, never unpickled.
 
-``treadle.checkpoint.export(checkpoint, out)`` turns a ``dcp`` checkpoint into a
+``treadle.plugins.export.export(checkpoint, out)`` turns a ``dcp`` checkpoint into a
 safetensors model folder (one process, no process group) that ``treadle.load_weights`` or
 ``safetensors.torch.load_file`` reads into a plain ``nn.Module``.
 """

@@ -14,7 +14,7 @@ Layout of the ``model/`` folder of a checkpoint::
     model/zero_to_fp32.py           DeepSpeed's own consolidation script
 
 A checkpoint resumes with the same number of ranks and the same ZeRO stage (DeepSpeed's rule
-for its partitioned files). ``treadle export CKPT OUT`` (``treadle.checkpoint.export``)
+for its partitioned files). ``treadle export CKPT OUT`` (``treadle.plugins.export``)
 consolidates it into a safetensors model in one process without a process group: the fp32
 master weights for ZeRO 1-3 (DeepSpeed's ``zero_to_fp32``), the module's weights for stage 0.
 ``treadle.load_weights(model, CKPT)`` reads the same consolidated weights.

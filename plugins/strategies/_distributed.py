@@ -1,5 +1,6 @@
 """What every torch.distributed strategy shares: joining the process group, the collectives the
-loop needs, agreeing on requests, printing the global batch, and leaving cleanly.
+loop needs, agreeing on requests, printing the global batch, and leaving cleanly (evaluation
+over sharded data comes from ``ShardedEvaluation``, the stuck-rank watchdog from ``_watchdog``).
 
 ``TorchDistributed`` is the base of ``ddp`` and ``fsdp``, and of any strategy whose engine runs
 on a torch.distributed process group. It reads the launcher's environment (``RANK``,
@@ -25,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from treadle.components import Strategy
 from treadle.config import Config
 from treadle.defaults import batch_rows
 from treadle.errors import ConfigError, TreadleError, TreadleWarning
 from treadle.hookspecs import hookimpl
-from treadle.watchdog import Watchdog
+from treadle.plugins.strategies._gather import ShardedEvaluation
+from treadle.plugins.strategies._watchdog import Watchdog
 
 if TYPE_CHECKING:
     from treadle.run import Run
@@ -84,7 +85,7 @@ def _launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-class TorchDistributed(Strategy):
+class TorchDistributed(ShardedEvaluation):
     """One process per device, on a torch.distributed process group.
 
     Args:

@@ -9,7 +9,7 @@ convention); the root module is always sharded last.
 Checkpoints: with ``checkpoint="dcp"`` every rank writes its own shards
 (torch.distributed.checkpoint; resumable with another number of ranks); with a whole-file
 format ("safetensors") the full state is gathered to the main process's CPU and written there.
-A ``dcp`` checkpoint exports to a plain safetensors model with ``treadle.checkpoint.export``.
+A ``dcp`` checkpoint exports to a plain safetensors model with ``treadle.plugins.export.export``.
 
 Meta-device initialisation: a model built inside ``strategy.model_init_context()`` has its
 parameters on the ``meta`` device (no memory). ``wrap_model`` shards it, gives each rank memory
@@ -425,7 +425,7 @@ def _resolve_init(value: Any) -> Callable[[nn.Module], Any] | None:
     if value == _NO_INIT:
         return None
     if isinstance(value, str) and ":" in value:
-        from treadle.cli import import_path
+        from treadle.registry import import_path
 
         value = import_path(value)
     if not callable(value):

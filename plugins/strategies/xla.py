@@ -17,6 +17,8 @@ What it does, in the loop's terms:
   (``Strategy.synchronize``);
 * collectives: ``xm.all_reduce``; request agreement, object gathering and barriers on the
   host through ``xm.mesh_reduce`` and ``xm.rendezvous``;
+* evaluation and prediction over sharded data: the sampler's padding cut off, every replica's
+  outputs gathered in the data set's order (``ShardedEvaluation``, as for ``ddp``);
 * saving: as ``xm.save`` does it, only the main process moves the state to CPU, and the
   replicas meet at a rendezvous; each replica's XLA random state goes into the checkpoint.
 
@@ -36,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from treadle.components import Strategy
 from treadle.errors import MissingDependencyError
 from treadle.hookspecs import hookimpl
+from treadle.plugins.strategies._gather import ShardedEvaluation
 
 if TYPE_CHECKING:
     from treadle.run import Run
@@ -66,7 +68,7 @@ def _torch_xla() -> tuple[Any, Any, Any]:
     return torch_xla, xm, xr
 
 
-class XLAStrategy(Strategy):
+class XLAStrategy(ShardedEvaluation):
     """Train on an XLA device with torch_xla, one process per device.
 
     Raises:

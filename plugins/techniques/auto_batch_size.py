@@ -59,9 +59,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from treadle.components import Strategy
-from treadle.defaults import backward_value, batch_rows
+from treadle.defaults import PLUGIN_NAME, batch_rows
 from treadle.errors import ConfigError, TreadleError, TreadleWarning
 from treadle.hookspecs import hookimpl
+from treadle.plugins.defaults import backward_value
 from treadle.state import LossSum
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ class AutoBatchSize:
         others = [
             impl.plugin_name
             for impl in run.plugin_manager.hook.training_step.get_hookimpls()
-            if impl.plugin is not self and impl.plugin_name != "treadle.defaults"
+            if impl.plugin is not self and impl.plugin_name != PLUGIN_NAME
         ]
         if others:
             raise ConfigError(

@@ -98,7 +98,7 @@ def _check_backend(backend: Any) -> str | Callable[..., Any]:
             "a compiler function or an import path 'pkg.module:function'"
         )
     if ":" in backend:
-        from treadle.cli import import_path
+        from treadle.registry import import_path
 
         loaded = import_path(backend)
         if not callable(loaded):

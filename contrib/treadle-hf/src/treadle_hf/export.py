@@ -16,9 +16,9 @@ Two ways in:
   checkpoint reloads with ``from_pretrained`` as it is, and :func:`export_pretrained` needs no
   model or config to export it.
 
-``treadle export --format hf CKPT OUT`` is the same export from the command line: the kernel
-calls the format's ``export_model`` with the source checkpoint, whose ``config.json`` (or the
-``config`` option: ``--option config=FOLDER``) tells which model to build.
+``treadle export --format hf CKPT OUT`` is the same export from the command line:
+``treadle.plugins.export`` calls the format's ``export_model`` with the source checkpoint, whose
+``config.json`` (or the ``config`` option: ``--option config=FOLDER``) tells which model to build.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from treadle.cli import apply_overrides, parse_key_values
+from treadle.plugins.commands.runfile import apply_overrides, parse_key_values
 from treadle_optuna import runfile
 from treadle_optuna.search import _PRUNERS, _SAMPLERS, search
 
@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(arguments: Sequence[str]) -> int:
+    """search a run file's hyperparameters with Optuna; the best trial becomes a run file"""
     args = _parser().parse_args(list(arguments))
     run_file = Path(args.run_file)
     study_name = args.study_name or run_file.stem

@@ -171,7 +171,7 @@ def _objective(
 
 def _from_run_file(path: Path) -> tuple[dict[str, Any], BuildRun]:
     """Each trial runs ``trial-NNNN/run.toml``: the run file with the trial's values."""
-    from treadle.cli import build_run
+    from treadle.plugins.commands.runfile import build_run
 
     base = runfile.read(path)
     # as for `treadle run RUN.toml`: the run file's directory holds the modules it names
