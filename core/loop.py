@@ -594,10 +594,10 @@ class _Meter:
             return
         self.warned_non_finite = True
         if any(
-            getattr(plugin, "name", None) == "numeric-guard"
+            getattr(plugin, "treadle_handles_non_finite", False) is True
             for plugin in run.plugin_manager.get_plugins()
         ):
-            return  # it acts on non-finite values itself
+            return  # a plugin acts on non-finite values itself (numeric-guard does)
         warnings.warn(
             f"the training loss logged at step {run.state.step} is {loss}: the run has "
             "diverged or its data holds non-finite values, and later checkpoints will hold "

@@ -79,6 +79,8 @@ class NumericGuard:
     """
 
     name: ClassVar[str] = "numeric-guard"
+    #: the kernel then does not warn about a non-finite training loss: this plugin acts on it
+    treadle_handles_non_finite: ClassVar[bool] = True
 
     def __init__(self, policy: str = "raise", check_grads: bool | None = None) -> None:
         if policy not in _POLICIES:
