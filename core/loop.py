@@ -170,7 +170,7 @@ def build_step(run: Run) -> Callable[[list[Any]], torch.Tensor]:
     called. A strategy or precision that overrides a method is always called.
     """
     state, fit_state, strategy = run.state, run.fit_state, run.strategy
-    model, optimizer, scheduler = run.wrapped_model, run.optimizer, run.scheduler
+    model, optimizer = run.wrapped_model, run.optimizer
     assert optimizer is not None
     step_begin, micro_begin, micro_end, before_update, after_update = (
         run.listeners.get(event) for event in _EVENTS_OF_A_STEP
@@ -225,8 +225,8 @@ def build_step(run: Run) -> Callable[[list[Any]], torch.Tensor]:
             after_update(run=run, optimizer=optimizer)
         if not stepped:
             state.skipped_steps += 1
-        elif scheduler is not None:
-            scheduler.step()
+        elif run.scheduler is not None:  # read at each step: a plugin may replace it
+            run.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1  # [/update]
         state.batch_in_epoch += len(window)
