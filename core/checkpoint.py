@@ -115,6 +115,7 @@ def save(run: Run, *, background: bool = False) -> Path:
         )
     run.fit_state.last_save_step = state.step
     if background:
+        strategy.barrier()  # every rank's RNG file is in place before the writer lists them
         writer = _IN_FLIGHT[run] = _Writer(files, root, final, run.config)
         writer.start()
         return final
