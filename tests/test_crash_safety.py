@@ -21,6 +21,7 @@ import random
 import selectors
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,14 @@ class Server:
 
     def __init__(self, mode: str) -> None:
         self.mode = mode  # "sync" or "async" saves (Config.save_async)
+        # The children's output (tracebacks, prints) goes to a file, not a pipe: nobody reads a
+        # pipe until the end, and once its buffer filled up a child would block writing.
+        self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115  (closed in close())
         self.process = subprocess.Popen(
             [sys.executable, str(FIXTURES / "ckpt_victim.py"), "serve"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self.stderr,
             text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
@@ -58,7 +62,8 @@ class Server:
             raise AssertionError(f"the victim server did not answer within {timeout} s")
         line = self.process.stdout.readline()
         if not line:
-            stderr = self.process.stderr.read() if self.process.stderr else ""
+            self.stderr.seek(0)
+            stderr = self.stderr.read()
             raise AssertionError(f"the victim server died:\n{stderr[-3000:]}")
         return line
 
@@ -81,7 +86,7 @@ class Server:
             self.process.wait()
         finally:
             self.selector.close()
-            for stream in (self.process.stdout, self.process.stderr):
+            for stream in (self.process.stdout, self.stderr):
                 if stream is not None:
                     stream.close()
 
