@@ -378,9 +378,7 @@ class Run:
         self._registered.setdefault(unique, len(self._registered))
 
     def _check_hooks(self) -> None:
-        known = sorted(
-            n for n in dir(hookspecs) if n.startswith(("on_", "make_")) or n in _PROVIDERS
-        )
+        known = _hook_names()
         for hook_name in dir(self.plugin_manager.hook):
             caller = getattr(self.plugin_manager.hook, hook_name)
             if isinstance(caller, pluggy.HookCaller) and not caller.has_spec():
