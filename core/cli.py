@@ -55,11 +55,8 @@ def _listing() -> str:
             about = (inspect.getdoc(registry.load("command", name)) or "").split("\n\n")[0]
         except TreadleError as exc:
             about = f"cannot be loaded ({type(exc).__name__}; `treadle {name}` says why)"
-        source = ", ".join(
-            f"{e.distribution} {e.version}"
-            for e in declared
-            if e.distribution != registry.FIRST_PARTY
-        )
+        others = [e for e in declared if e.distribution != registry.FIRST_PARTY]
+        source = ", ".join(f"{e.distribution} {e.version}" for e in others)
         about = " ".join([*about.split(), *([f"(installed by {source})"] if source else [])])
         indent = f"  {name:<{width}}  "
         rows.append(textwrap.fill(about, 96, initial_indent=indent, break_on_hyphens=False,

@@ -15,22 +15,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from treadle.data import ResumableSampler
 from treadle.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    from treadle.checkpoint import Snapshot
     from treadle.run import Run
 
 __all__ = [
-    "CheckpointFormat",
-    "Logger",
-    "OptimizerFactory",
-    "Precision",
-    "SchedulerFactory",
-    "Strategy",
-]
+    "DEFAULT_STORE", "CheckpointFormat", "CheckpointStore", "Logger", "OptimizerFactory",
+    "Precision", "SchedulerFactory", "Strategy",
+]  # fmt: skip
 
 
 #: ``nullcontext`` holds no state: one instance serves every step
@@ -40,7 +38,7 @@ _NO_CONTEXT = contextlib.nullcontext()
 class OptimizerFactory(Protocol):
     """``factory(model, **options) -> Optimizer``; entry-point group ``treadle.optimizer``."""
 
-    def __call__(self, model: nn.Module, /, **options: Any) -> torch.optim.Optimizer: ...
+    def __call__(self, model: nn.Module, /, **options: Any) -> Optimizer: ...
 
 
 class SchedulerFactory(Protocol):
@@ -50,9 +48,7 @@ class SchedulerFactory(Protocol):
     every optimizer step and may listen to hooks (``reduce-on-plateau`` listens to evaluation).
     """
 
-    def __call__(
-        self, optimizer: torch.optim.Optimizer, /, *, total_steps: int, **options: Any
-    ) -> Any: ...
+    def __call__(self, optimizer: Optimizer, /, *, total_steps: int, **options: Any) -> Any: ...
 
 
 class Precision:
@@ -74,13 +70,13 @@ class Precision:
     def forward_context(self) -> contextlib.AbstractContextManager[Any]:
         return _NO_CONTEXT
 
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+    def scale_loss(self, loss: Tensor) -> Tensor:
         return loss
 
-    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+    def unscale_gradients(self, optimizer: Optimizer) -> None:
         """Make ``.grad`` hold true gradients before ``on_before_optimizer_step``."""
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+    def optimizer_step(self, optimizer: Optimizer) -> bool:
         """Step; return False when the step was skipped (non-finite gradients)."""
         optimizer.step()
         return True
@@ -130,10 +126,10 @@ class Strategy:
     def unwrap_model(self, model: nn.Module) -> nn.Module:
         return model
 
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def wrap_optimizer(self, optimizer: Optimizer) -> Optimizer:
         return optimizer
 
-    def attach_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+    def attach_optimizer(self, model: nn.Module, optimizer: Optimizer) -> nn.Module:
         """After ``wrap_optimizer``: the model the loop calls from now on.
 
         An engine that takes model and optimizer together (DeepSpeed's ``initialize``) is
@@ -193,12 +189,10 @@ class Strategy:
         """Context for non-final micro-batches: skip gradient synchronisation."""
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: Tensor) -> None:
         torch.autograd.backward(self.precision.scale_loss(loss))
 
-    def finalize_gradients(
-        self, optimizer: torch.optim.Optimizer, divisor: torch.Tensor | float
-    ) -> None:
+    def finalize_gradients(self, optimizer: Optimizer, divisor: Tensor | float) -> None:
         """Unscale, then divide the accumulated gradients by ``divisor``: the number of
         micro-batches (``mean``, a number) or of scored tokens (``tokens``, a device tensor)
         in this rank's window.
@@ -207,41 +201,34 @@ class Strategy:
         self.divide_gradients(optimizer, divisor)
 
     def divide_gradients(
-        self, optimizer: torch.optim.Optimizer, divisor: torch.Tensor | float, *, done: float = 1
+        self, optimizer: Optimizer, divisor: Tensor | float, *, done: float = 1
     ) -> None:
         """Divide the gradients by ``divisor / done`` (``done``: a division already made, e.g.
         by an engine's own accumulation).
         """
-        if isinstance(divisor, torch.Tensor):
+        if isinstance(divisor, Tensor):
             if self.world_size > 1:
                 # DDP-style reduction averages gradients over ranks, so divide by the mean of
                 # the ranks' token counts: the result is the sum over all tokens / all tokens.
                 divisor = self.all_reduce(divisor.detach().clone(), "mean")
             # a window with no scored token has zero gradients; keep them zero, not NaN
             divisor = divisor.clamp_min(1)
-            if done != 1:
-                divisor = divisor / done
-        else:
+        if done != 1:
             divisor = divisor / done
-            if divisor == 1:
-                return
-        grads = [
-            p.grad
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
+        if not isinstance(divisor, Tensor) and divisor == 1:
+            return
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads:
-            if isinstance(divisor, torch.Tensor):
+            if isinstance(divisor, Tensor):
                 divisor = divisor.to(device=grads[0].device, dtype=grads[0].dtype)
             torch._foreach_div_(grads, divisor)
 
     def clip_grad_norm(
-        self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
-    ) -> torch.Tensor:
+        self, parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0
+    ) -> Tensor:
         return nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+    def optimizer_step(self, optimizer: Optimizer) -> bool:
         return self.precision.optimizer_step(optimizer)
 
     def grad_scaler(self, **options: Any) -> torch.amp.GradScaler:
@@ -255,7 +242,7 @@ class Strategy:
         return torch.amp.GradScaler(self.device.type, **options)
 
     # -- collectives (identity in one process)
-    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+    def all_reduce(self, tensor: Tensor, op: str = "mean") -> Tensor:
         return tensor
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -279,23 +266,21 @@ class Strategy:
     # ``sharded=False``: the full state, complete on the main process (the only one that
     # writes it; other ranks may return less). ``sharded=True`` (for a checkpoint format with
     # ``CheckpointFormat.sharded``, which every rank writes): this rank's part, e.g. DTensors.
-    def model_state_dict(
-        self, model: nn.Module, *, sharded: bool = False
-    ) -> dict[str, torch.Tensor]:
+    def model_state_dict(self, model: nn.Module, *, sharded: bool = False) -> dict[str, Tensor]:
         return self.unwrap_model(model).state_dict()
 
     def load_model_state_dict(
-        self, model: nn.Module, state: Mapping[str, torch.Tensor], *, sharded: bool = False
+        self, model: nn.Module, state: Mapping[str, Tensor], *, sharded: bool = False
     ) -> None:
         self.unwrap_model(model).load_state_dict(state)
 
     def optimizer_state_dict(
-        self, optimizer: torch.optim.Optimizer, *, sharded: bool = False
+        self, optimizer: Optimizer, *, sharded: bool = False
     ) -> dict[str, Any]:
         return optimizer.state_dict()
 
     def load_optimizer_state_dict(
-        self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any], *, sharded: bool = False
+        self, optimizer: Optimizer, state: Mapping[str, Any], *, sharded: bool = False
     ) -> None:
         optimizer.load_state_dict(dict(state))
 
@@ -313,40 +298,34 @@ class CheckpointFormat:
     #: process through the methods below, as for any format.
     sharded: ClassVar[bool] = False
 
-    def save_sharded(
-        self, directory: Path, stem: str, tensors: Mapping[str, torch.Tensor]
-    ) -> list[str]:
+    def save_sharded(self, directory: Path, stem: str, tensors: Mapping[str, Tensor]) -> list[str]:
         """Called on every rank with its part of ``stem`` (DTensors or replicated tensors)."""
         raise NotImplementedError
 
     def load_sharded(
-        self, directory: Path, stem: str, template: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+        self, directory: Path, stem: str, template: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
         """Called on every rank: the stored tensors of ``stem``, those named in ``template``
         read into its tensors in place (each rank reads only its shards), any others whole."""
         raise NotImplementedError
 
-    def save_tensors(
-        self, directory: Path, stem: str, tensors: Mapping[str, torch.Tensor]
-    ) -> list[str]:
+    def save_tensors(self, directory: Path, stem: str, tensors: Mapping[str, Tensor]) -> list[str]:
         """Write ``tensors``; return the file names written (relative to ``directory``)."""
         raise NotImplementedError
 
-    def load_tensors(self, directory: Path, stem: str) -> dict[str, torch.Tensor]:
+    def load_tensors(self, directory: Path, stem: str) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def save_model(
-        self, directory: Path, model: nn.Module, state: Mapping[str, torch.Tensor]
+        self, directory: Path, model: nn.Module, state: Mapping[str, Tensor]
     ) -> list[str]:
         """Write model weights; a format may shard them or de-duplicate tied tensors."""
         return self.save_tensors(directory, "model", state)
 
-    def load_model(self, directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    def load_model(self, directory: Path, model: nn.Module) -> dict[str, Tensor]:
         return self.load_tensors(directory, "model")
 
-    def export_model(
-        self, source: Path, directory: Path, state: Mapping[str, torch.Tensor]
-    ) -> list[str]:
+    def export_model(self, source: Path, directory: Path, state: Mapping[str, Tensor]) -> list[str]:
         """Write the weights ``state`` of the checkpoint at ``source`` into ``directory``, a
         weights-only folder (``treadle export``); return the file names written.
 
@@ -356,6 +335,61 @@ class CheckpointFormat:
         ``source`` or from its own options.
         """
         return self.save_model(directory, nn.Module(), state)
+
+
+#: the store a run uses unless told otherwise, and the one ``treadle.checkpoint.verify``,
+#: ``resolve`` and ``treadle.load_weights`` ask
+DEFAULT_STORE = "directory"
+
+
+class CheckpointStore:
+    """Where checkpoints live and how one is made durable; entry-point group ``treadle.store``.
+
+    The kernel decides when to save and what a checkpoint holds (a ``treadle.checkpoint.Snapshot``,
+    captured on every rank); the store keeps it, and finds, reads and checks it again to
+    resume. The first-party ``directory`` store writes the protocol of docs/checkpoints.md,
+    with the run's ``CheckpointFormat`` writing the tensors. Every method but ``verify``,
+    ``resolve`` and ``load_weights`` is called on every rank at once.
+    """
+
+    name: ClassVar[str] = "store"
+
+    def check(self, run: Run) -> None:
+        """Refuse (``ConfigError``), when the run is composed, what this store cannot do."""
+
+    def hold(self, run: Run) -> contextlib.AbstractContextManager[Any]:
+        """Exclusive use of the run's output while ``fit`` or ``save`` runs."""
+        return contextlib.nullcontext()
+
+    def write(self, run: Run, snapshot: Snapshot, *, background: bool = False) -> Path:
+        """Keep ``snapshot``; returns where. ``background``: return once the snapshot is
+        copied, and complete the write before ``finish`` returns."""
+        raise NotImplementedError
+
+    def finish(self, run: Run) -> Path | None:
+        """Wait for a background ``write``; its location, or None if none was in flight."""
+        return None
+
+    def existing(self, run: Run, step: int) -> Path | None:
+        """The checkpoint of ``step`` this run's output holds already, if any."""
+        return None
+
+    def resume(self, run: Run, source: str) -> Path | None:
+        """Find the checkpoint ``source`` names (``"auto"``: the newest that loads, None when
+        there is none), read and check it, and apply it with ``treadle.checkpoint.restore``."""
+        raise NotImplementedError
+
+    def verify(self, path: Path | str) -> list[str]:
+        """Problems with the checkpoint at ``path``; empty when it is whole."""
+        raise NotImplementedError
+
+    def resolve(self, path: Path | str) -> Path:
+        """The checkpoint ``path`` names (it may name a place holding several)."""
+        raise NotImplementedError
+
+    def load_weights(self, model: nn.Module, path: Path | str, *, strict: bool, check: bool) -> Any:
+        """Fill ``model`` with the weights of the checkpoint at ``path``."""
+        raise NotImplementedError
 
 
 class Logger:
@@ -408,15 +442,13 @@ class Logger:
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor in a (nested) batch to ``device``, without blocking."""
-    if isinstance(batch, torch.Tensor):
+    if isinstance(batch, Tensor):
         # ``to`` returns the tensor itself when it is already there, at ten times the cost
         return batch if batch.device == device else batch.to(device, non_blocking=True)
     if isinstance(batch, (dict, Mapping)):  # dict first: it spares the ABC check
         return {
             # a tensor already in place (the common case) without a recursive call
-            k: v
-            if isinstance(v, torch.Tensor) and v.device == device
-            else move_to_device(v, device)
+            k: v if isinstance(v, Tensor) and v.device == device else move_to_device(v, device)
             for k, v in batch.items()
         }
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
@@ -424,15 +456,3 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, list | tuple):
         return type(batch)(move_to_device(v, device) for v in batch)
     return batch
-
-
-def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a nested structure."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for value in obj.values():
-            yield from iter_tensors(value)
-    elif isinstance(obj, list | tuple):
-        for value in obj:
-            yield from iter_tensors(value)

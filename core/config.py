@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,23 +19,31 @@ def _fail(field: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"Config.{field} = {value!r} is not allowed: {allowed}")
 
 
-def _int_at_least(minimum: int, *, optional: bool = False) -> Any:
+def _check(ok: Callable[[Any], bool], expected: str, *, optional: bool = False) -> Any:
+    """A validator refusing, as "expected ...", a value for which ``ok`` is false (None passes
+    when ``optional``)."""
+
     def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            none = " or None" if optional else ""
-            raise _fail(attribute.name, value, f"expected an integer >= {minimum}{none}")
+        if not (optional and value is None) and not ok(value):
+            raise _fail(attribute.name, value, f"expected {expected}")
 
     return check
 
 
-def _int_between(minimum: int, maximum: int) -> Any:
-    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-            raise _fail(attribute.name, value, f"expected an integer from {minimum} to {maximum}")
+def _is_int(value: Any, minimum: int, maximum: float = math.inf) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum
 
-    return check
+
+def _int_at_least(minimum: int) -> Any:
+    return _check(lambda v: _is_int(v, minimum), f"an integer >= {minimum}")
+
+
+def _one_of(*choices: str) -> Any:
+    return _check(lambda v: v in choices, f"one of {', '.join(map(repr, choices))}")
+
+
+def _str_or_none(expected: str) -> Any:
+    return _check(lambda v: isinstance(v, str), expected, optional=True)
 
 
 def _path(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -49,22 +58,9 @@ def _path(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         raise _fail(attribute.name, value, "a path cannot contain a NUL character")
 
 
-def _one_of(*choices: Any) -> Any:
-    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value not in choices:
-            raise _fail(attribute.name, value, f"expected one of {', '.join(map(repr, choices))}")
-
-    return check
-
-
-def _of_type(kind: type | tuple[type, ...], description: str, *, optional: bool = False) -> Any:
-    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if optional and value is None:
-            return
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise _fail(attribute.name, value, f"expected {description}")
-
-    return check
+_BOOL = _check(lambda v: isinstance(v, bool), "True or False")
+_COUNT_OR_NONE = _check(lambda v: _is_int(v, 1), "an integer >= 1 or None", optional=True)
+_SEED = _check(lambda v: _is_int(v, 0, 2**32 - 1), f"an integer from 0 to {2**32 - 1}")
 
 
 @attrs.frozen(kw_only=True)
@@ -79,64 +75,57 @@ class Config:
     """
 
     #: optimizer steps to take in ``fit()``; with ``max_epochs``, whichever ends first.
-    max_steps: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
+    max_steps: int | None = attrs.field(default=None, validator=_COUNT_OR_NONE)
     #: passes over the training data; defaults to 1 when ``max_steps`` is not set.
-    max_epochs: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
+    max_epochs: int | None = attrs.field(default=None, validator=_COUNT_OR_NONE)
     #: micro-batches per optimizer step.
     grad_accum_steps: int = attrs.field(default=1, validator=_int_at_least(1))
     #: "mean": average of micro-batch losses; "tokens": sum of per-token losses over the
     #: window divided by the number of scored tokens in the whole window.
     loss_normalization: str = attrs.field(default="mean", validator=_one_of("mean", "tokens"))
     #: per-device batch size, used when ``train_data`` is a Dataset rather than a DataLoader.
-    batch_size: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
+    batch_size: int | None = attrs.field(default=None, validator=_COUNT_OR_NONE)
     #: per-device evaluation batch size; defaults to ``batch_size``.
-    eval_batch_size: int | None = attrs.field(
-        default=None, validator=_int_at_least(1, optional=True)
-    )
+    eval_batch_size: int | None = attrs.field(default=None, validator=_COUNT_OR_NONE)
     #: shuffle the training data (seeded by ``seed`` and the epoch).
-    shuffle: bool = attrs.field(default=True, validator=_of_type(bool, "True or False"))
+    shuffle: bool = attrs.field(default=True, validator=_BOOL)
     #: drop the last incomplete training batch.
-    drop_last: bool = attrs.field(default=False, validator=_of_type(bool, "True or False"))
+    drop_last: bool = attrs.field(default=False, validator=_BOOL)
     #: DataLoader worker processes for loaders treadle builds.
     num_workers: int = attrs.field(default=0, validator=_int_at_least(0))
     #: log training metrics every N optimizer steps (0: only at the end).
     log_every: int = attrs.field(default=50, validator=_int_at_least(0))
     #: evaluate every N optimizer steps (None: never during the epoch).
-    eval_every: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
+    eval_every: int | None = attrs.field(default=None, validator=_COUNT_OR_NONE)
     #: evaluate at the end of every epoch.
-    eval_every_epoch: bool = attrs.field(default=False, validator=_of_type(bool, "True or False"))
+    eval_every_epoch: bool = attrs.field(default=False, validator=_BOOL)
     #: evaluate once more when ``fit()`` ends (if eval data was given and not just evaluated).
-    eval_at_end: bool = attrs.field(default=True, validator=_of_type(bool, "True or False"))
+    eval_at_end: bool = attrs.field(default=True, validator=_BOOL)
     #: save a checkpoint every N optimizer steps (None: never during training).
-    save_every: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
+    save_every: int | None = attrs.field(default=None, validator=_COUNT_OR_NONE)
     #: save a checkpoint when ``fit()`` ends (unless the last step was just saved).
-    save_at_end: bool = attrs.field(default=True, validator=_of_type(bool, "True or False"))
+    save_at_end: bool = attrs.field(default=True, validator=_BOOL)
     #: write checkpoints in a background thread: a step waits only while the state is copied
     #: to host memory (at most one save in flight; ``fit`` returns with every save complete;
     #: the final save, and saves on stop or preemption, are written before going on).
-    save_async: bool = attrs.field(default=False, validator=_of_type(bool, "True or False"))
+    save_async: bool = attrs.field(default=False, validator=_BOOL)
     #: keep only the newest N checkpoints (None: keep all).
-    keep_last: int | None = attrs.field(default=None, validator=_int_at_least(1, optional=True))
+    keep_last: int | None = attrs.field(default=None, validator=_COUNT_OR_NONE)
     #: also keep the best K checkpoints by ``monitor`` (never deleted by ``keep_last``).
     keep_best: int = attrs.field(default=0, validator=_int_at_least(0))
     #: the logged metric that defines "best", e.g. "eval/loss".
-    monitor: str | None = attrs.field(
-        default=None, validator=_of_type(str, "a metric name", optional=True)
-    )
+    monitor: str | None = attrs.field(default=None, validator=_str_or_none("a metric name"))
     #: whether smaller ("min") or larger ("max") values of ``monitor`` are better.
     monitor_mode: str = attrs.field(default="min", validator=_one_of("min", "max"))
     #: seed for python, numpy and torch (and the data order).
-    seed: int = attrs.field(default=0, validator=_int_between(0, 2**32 - 1))
+    seed: int = attrs.field(default=0, validator=_SEED)
     #: ask torch for deterministic algorithms (slower on some kernels).
-    deterministic: bool = attrs.field(default=False, validator=_of_type(bool, "True or False"))
+    deterministic: bool = attrs.field(default=False, validator=_BOOL)
     #: where checkpoints and logs go.
     output_dir: str = attrs.field(default="runs/treadle", validator=_path)
     #: None (fresh start), "auto" (newest valid checkpoint in output_dir, else fresh), or a path.
     resume: str | None = attrs.field(
-        default=None,
-        validator=attrs.validators.and_(
-            _of_type(str, "'auto' or a path", optional=True), attrs.validators.optional(_path)
-        ),
+        default=None, validator=[_str_or_none("'auto' or a path"), attrs.validators.optional(_path)]
     )
     #: multi-process runs: seconds a collective may wait for the other ranks (the process
     #: group's timeout, torch's default being 30 min), and seconds a rank may make no progress
@@ -147,10 +136,8 @@ class Config:
 
     @collective_timeout_s.validator
     def _check_collective_timeout(self, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is None:
-            return
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not number or not 0 < value < float("inf"):
+        if value is not None and not (number and 0 < value < math.inf):
             raise _fail(attribute.name, value, "expected a positive number of seconds or None")
 
     def __attrs_post_init__(self) -> None:

@@ -12,9 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from treadle.errors import TreadleError
-from treadle.state import LossSum
-
 if TYPE_CHECKING:
     from treadle.run import Run
 
@@ -28,53 +25,17 @@ def alone(run: Run, hook_name: str) -> bool:
     return len(impls) == 1 and impls[0].plugin_name == PLUGIN_NAME
 
 
-def loss_error(
-    run: Run, loss: Any, exc: BaseException, *, evaluating: str | None = None
-) -> BaseException:
-    """A TreadleError saying what is wrong with ``loss``, or ``exc`` itself when the loss is a
-    scalar tensor (the failure is elsewhere)."""
-    where = f" (evaluating {evaluating!r})" if evaluating else ""
-    source = "loss_fn" if run.loss_fn is not None else "compute_loss"
-    if isinstance(loss, LossSum):
-        loss = loss.total
-    if not isinstance(loss, torch.Tensor):
-        problem = (
-            f"a {type(loss).__name__} ({loss!r}), not a tensor: it was taken out of the graph "
-            "(.item(), float(...)), so no gradient can reach the weights. Return the tensor"
-        )
-    elif loss.numel() != 1:
-        problem = (
-            f"a tensor of shape {tuple(loss.shape)}, not one number. Reduce it, e.g. "
-            "loss.mean(), or use the loss function's reduction='mean'"
-        )
-    elif evaluating is None and not loss.requires_grad:
-        problem = (
-            "a tensor with no grad_fn: it is detached from the graph (computed under "
-            "torch.no_grad(), with .detach() or from .item()), so no gradient can reach the "
-            "weights. Compute it from the model's outputs without detaching"
-        )
-    else:
-        return exc
-    return TreadleError(
-        f"the loss at step {run.state.step}{where} (from {source}) is {problem}. A loss must be "
-        "a scalar tensor computed from the model's outputs."
-    )
-
-
 def batch_rows(batch: Any) -> int:
     """The number of examples in a batch: the first dimension of its first tensor."""
+    values: Iterable[Any] = batch
     if type(batch) is dict or isinstance(batch, Mapping):  # dict first: it spares the ABC check
-        values: Iterable[Any] = batch.values()
+        values = batch.values()
     elif isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
-    elif isinstance(batch, Iterable) and not isinstance(batch, str | bytes):
-        values = batch
-    else:
+    elif not isinstance(batch, Iterable) or isinstance(batch, str | bytes):
         return 1
-    for value in values:
-        if isinstance(value, torch.Tensor) and (shape := value.shape):  # () for a scalar
-            return int(shape[0])
-    return 1
+    # the first dimension of the first tensor that is not a scalar
+    return next((int(v.shape[0]) for v in values if isinstance(v, torch.Tensor) and v.dim()), 1)
 
 
 def sequence_of(value: Any) -> Sequence[Any]:

@@ -8,17 +8,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "MissingDependencyError",
-    "PluginError",
-    "PluginLoadError",
-    "Preempted",
-    "TreadleError",
-    "TreadleWarning",
-    "UnknownNameError",
+    "CheckpointError", "ConfigError", "MissingDependencyError", "PluginError",
+    "PluginLoadError", "Preempted", "TreadleError", "TreadleWarning", "UnknownNameError",
     "require",
-]
+]  # fmt: skip
 
 
 class TreadleError(Exception):
@@ -43,9 +36,7 @@ class UnknownNameError(TreadleError, LookupError):
     """A component was asked for by a name that no installed distribution provides."""
 
     def __init__(self, kind: str, name: str, installed: Iterable[str]) -> None:
-        self.kind = kind
-        self.name = name
-        self.installed = sorted(installed)
+        self.kind, self.name, self.installed = kind, name, sorted(installed)
         close = difflib.get_close_matches(name, self.installed, n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         listing = ", ".join(self.installed) or "none"
@@ -60,9 +51,7 @@ class PluginLoadError(TreadleError, ImportError):
     """An installed entry point could not be imported; only runs that ask for it fail."""
 
     def __init__(self, kind: str, name: str, value: str, distribution: str, cause: BaseException):
-        self.kind = kind
-        self.name = name
-        self.distribution = distribution
+        self.kind, self.name, self.distribution = kind, name, distribution
         if isinstance(cause, SystemExit):  # sys.exit() at import: the run must not just end
             what = f"called sys.exit({cause.code!r}) while being imported"
         else:
@@ -77,9 +66,7 @@ class MissingDependencyError(TreadleError, ImportError):
     """A plugin needs an optional library that is not installed."""
 
     def __init__(self, what: str, module: str, extra: str, distribution: str = "treadle") -> None:
-        self.module = module
-        self.extra = extra
-        self.distribution = distribution
+        self.module, self.extra, self.distribution = module, extra, distribution
         super().__init__(
             f"{what} needs the optional library {module!r}, which is not installed. "
             f'Install it with: pip install "{distribution}[{extra}]" -c constraints.txt'
@@ -90,8 +77,7 @@ class PluginError(TreadleError):
     """A plugin misbehaved: a hook implementation raised, or does not match any hook."""
 
     def __init__(self, plugin: str, hook: str, message: str) -> None:
-        self.plugin = plugin
-        self.hook = hook
+        self.plugin, self.hook = plugin, hook
         super().__init__(f"plugin {plugin!r}, hook {hook!r}: {message}")
 
 
@@ -109,8 +95,7 @@ class Preempted(SystemExit):
 
     def __init__(self, signum: int, checkpoint: Path | None) -> None:
         super().__init__(128 + int(signum))
-        self.signal = signal.Signals(signum)
-        self.checkpoint = checkpoint
+        self.signal, self.checkpoint = signal.Signals(signum), checkpoint
 
 
 def require(module: str, *, extra: str, what: str, distribution: str = "treadle") -> object:

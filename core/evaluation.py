@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from treadle import defaults, resume
+from treadle import checkpoint
 from treadle.data import describe_data, length_of
 from treadle.defaults import batch_rows
 from treadle.errors import ConfigError, TreadleError, TreadleWarning
@@ -19,23 +20,32 @@ if TYPE_CHECKING:
 __all__ = ["evaluate", "join_outputs", "predict"]
 
 
-def evaluate(run: Run, data: Any = None) -> dict[str, float]:
+@contextlib.contextmanager
+def _eval_mode(run: Run) -> Iterator[torch.nn.Module]:
+    """The run set up and its wrapped model in eval mode, with the listeners refreshed; the
+    model's training mode is restored afterwards."""
     run.setup()
-    data = run.eval_data if data is None else data
-    if data is None:
-        raise ConfigError("no evaluation data: pass eval_data to treadle.Run or to evaluate()")
-    named = dict(data) if isinstance(data, Mapping) else {"eval": data}
     model = run.wrapped_model
     was_training = model.training
     model.eval()
     run.refresh_listeners()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def evaluate(run: Run, data: Any = None) -> dict[str, float]:
+    data = run.eval_data if data is None else data
+    if data is None:
+        raise ConfigError("no evaluation data: pass eval_data to treadle.Run or to evaluate()")
+    named = dict(data) if isinstance(data, Mapping) else {"eval": data}
     metrics: dict[str, float] = {}
     # Evaluation leaves the training run's random streams untouched, so that evaluating more
     # or less often (or once more before a final checkpoint) does not change training.
-    with torch.no_grad(), resume.rng_preserved(run.device):
+    with _eval_mode(run) as model, torch.no_grad(), checkpoint.rng_preserved(run.device):
         for name, dataset in named.items():
             metrics.update(_evaluate_one(run, model, name, dataset))
-    model.train(was_training)
     run.fit_state.last_eval_step = run.state.step
     run.log(metrics)
     return metrics
@@ -49,15 +59,14 @@ def _evaluate_one(run: Run, model: torch.nn.Module, name: str, data: Any) -> dic
     keep = "compute_metrics" in run.listeners
     kept: list[Any] = []
     rows = batches = 0
-    total = torch.zeros((), dtype=torch.float64, device=run.device)
-    count = torch.zeros((), dtype=torch.float64, device=run.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # the loss's total and count
     steps = run.strategy.eval_steps(
         loader, lambda batch: run.provide("eval_step", run=run, model=model, batch=batch)
     )
     for batch, outputs, counted in steps:
         batches += 1
         if counted:
-            _add_loss(run, name, outputs, total, count)
+            _add_loss(run, name, outputs, sums)
         if keep:
             kept.append({key: outputs.get(key) for key in ("predictions", "labels")})
             rows += batch_rows(batch)
@@ -68,8 +77,8 @@ def _evaluate_one(run: Run, model: torch.nn.Module, name: str, data: Any) -> dic
             f"{describe_data(data)}. Its loss would be logged as 0.0; pass data with at least "
             "one batch, or leave it out of eval_data."
         )
-    total, count = run.strategy.all_reduce(total, "sum"), run.strategy.all_reduce(count, "sum")
-    metrics = {f"{name}/loss": float((total / count.clamp_min(1)).item())}
+    total, count = run.strategy.all_reduce(sums, "sum").tolist()
+    metrics = {f"{name}/loss": total / max(count, 1)}
     if keep:
         kept = run.strategy.gather_outputs(loader, kept, rows, "compute_metrics")
         joined = join_outputs(kept, "compute_metrics") or {}
@@ -82,53 +91,50 @@ def _evaluate_one(run: Run, model: torch.nn.Module, name: str, data: Any) -> dic
     return metrics
 
 
-def _add_loss(
-    run: Run, name: str, outputs: Mapping[str, Any], total: torch.Tensor, count: torch.Tensor
-) -> None:
-    """Add a batch's loss, weighted by its ``count``, to ``total``, and the count to ``count``."""
-    items = outputs.get("count", 1)
-    try:
-        total += outputs["loss"].detach().double() * items
-    except (RuntimeError, AttributeError) as exc:
-        raise defaults.loss_error(run, outputs["loss"], exc, evaluating=name) from exc
-    count += items
+def _add_loss(run: Run, name: str, outputs: Mapping[str, Any], sums: torch.Tensor) -> None:
+    """Add a batch's loss times its ``count`` to ``sums[0]``, and the count to ``sums[1]``."""
+    loss, items = outputs["loss"], outputs.get("count", 1)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        what = f"a {type(loss).__name__}"
+        if isinstance(loss, torch.Tensor):
+            what = f"a tensor of shape {tuple(loss.shape)}"
+        raise TreadleError(
+            f"the loss at step {run.state.step} (evaluating {name!r}) is {what}, not one number: "
+            "eval_step must give a scalar tensor. Reduce it, e.g. loss.mean()."
+        )
+    sums[0] += loss.detach().double() * items
+    sums[1] += items
 
 
 def _prefixed(name: str, values: Mapping[str, Any]) -> dict[str, float]:
     metrics = {}
     for key, value in values.items():
         try:
-            number = float(value)
+            metrics[key if key.startswith(f"{name}/") else f"{name}/{key}"] = float(value)
         except (TypeError, ValueError):
             raise TreadleError(
                 f"compute_metrics returned {key!r} = {value!r} for {name!r}; metrics must be numbers"
             ) from None
-        metrics[key if key.startswith(f"{name}/") else f"{name}/{key}"] = number
     return metrics
 
 
 def predict(run: Run, data: Any) -> list[Any]:
-    run.setup()
-    loader = run.provide("make_eval_loader", run=run, data=data)
-    model = run.wrapped_model
-    was_training = model.training
-    model.eval()
-    run.refresh_listeners()
-    predictions: list[Any] = []
-    rows = 0
-    run.emit("on_predict_begin", run=run)
-    with torch.no_grad():
-        for batch in loader:
-            batch = run.strategy.to_device(batch)
-            outputs = run.provide("predict_step", run=run, model=model, batch=batch)
-            predictions.append(outputs)
-            rows += batch_rows(batch)
-            run.emit("on_predict_step_end", run=run, batch=batch, outputs=outputs)
-    # in a distributed run: every rank's predictions, in the data set's order, re-batched as
-    # one process has them
-    predictions = run.strategy.gather_outputs(loader, predictions, rows, "predict_step")
-    run.emit("on_predict_end", run=run, predictions=predictions)
-    model.train(was_training)
+    with _eval_mode(run) as model:
+        loader = run.provide("make_eval_loader", run=run, data=data)
+        predictions: list[Any] = []
+        rows = 0
+        run.emit("on_predict_begin", run=run)
+        with torch.no_grad():
+            for batch in loader:
+                batch = run.strategy.to_device(batch)
+                outputs = run.provide("predict_step", run=run, model=model, batch=batch)
+                predictions.append(outputs)
+                rows += batch_rows(batch)
+                run.emit("on_predict_step_end", run=run, batch=batch, outputs=outputs)
+        # in a distributed run: every rank's predictions, in the data set's order, re-batched as
+        # one process has them
+        predictions = run.strategy.gather_outputs(loader, predictions, rows, "predict_step")
+        run.emit("on_predict_end", run=run, predictions=predictions)
     return predictions
 
 
@@ -180,10 +186,7 @@ def _concat(parts: list[Any], dropped: list[str], path: str) -> Any:
         dropped += [f"{path}{key}" for key, value in joined.items() if value is _BATCH_LEVEL]
         return {key: value for key, value in joined.items() if value is not _BATCH_LEVEL}
     if isinstance(first, tuple):
-        items = [
-            _concat([p[place] for p in parts], dropped, f"{path}{place}.")
-            for place in range(len(first))
-        ]
+        items = [_concat([p[n] for p in parts], dropped, f"{path}{n}.") for n in range(len(first))]
         dropped += [f"{path}[{n}]" for n, value in enumerate(items) if value is _BATCH_LEVEL]
         items = [None if value is _BATCH_LEVEL else value for value in items]
         return type(first)(*items) if hasattr(first, "_fields") else tuple(items)

@@ -4,13 +4,9 @@ their interfaces; it names no backend. The pseudocode it follows is in ``treadle
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import math
-import os
-import signal
-import threading
 import time
 import types
 import warnings
@@ -19,8 +15,9 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import DataLoader
 
-from treadle import checkpoint, defaults, resume
+from treadle import checkpoint, defaults
 from treadle.components import Precision, Strategy, move_to_device
 from treadle.data import ResumableSampler, describe_data, length_of
 from treadle.defaults import batch_rows
@@ -55,7 +52,7 @@ def fit(run: Run) -> State:
     max_epochs, run.total_steps = _plan(run, batches_per_epoch)
     run.setup_optimizer()
     if config.resume is not None and not fit_state.resumed:
-        resume.resume(run)
+        checkpoint.resume(run)
     if fit_state.resumed_stop is not None:
         return _already_stopped(run, fit_state.resumed_stop)
     run.clear_stop()
@@ -66,7 +63,7 @@ def fit(run: Run) -> State:
     first_step = state.step
     try:
         run.emit("on_fit_begin", run=run)
-        _epochs(run, loader, meter, max_epochs, batches_per_epoch)
+        _epochs(run, meter, max_epochs)
         _finish(run, meter)
     except Exception as exc:  # not KeyboardInterrupt, SystemExit, Preempted: not failures
         try:
@@ -78,15 +75,10 @@ def fit(run: Run) -> State:
     return state
 
 
-def _epochs(
-    run: Run,
-    loader: Iterable[Any],
-    meter: _Meter,
-    max_epochs: int | None,
-    batches_per_epoch: int | None,
-) -> None:
+def _epochs(run: Run, meter: _Meter, max_epochs: int | None) -> None:
     """Train epoch after epoch until a limit or a stop."""
     config, state, fit_state = run.config, run.state, run.fit_state
+    loader = fit_state.train_loader
     while not fit_state.stopping and not _limit_reached(run, max_epochs):
         epoch = state.epoch
         run.emit("on_epoch_begin", run=run, epoch=epoch)
@@ -99,23 +91,20 @@ def _epochs(
             if fit_state.stopping or state.epoch != epoch:  # stopped, or the epoch ended early
                 break
         if state.epoch == epoch:
-            _end_epoch(run, loader, epoch, batches_per_epoch)
+            _end_epoch(run, epoch)
         run.emit("on_epoch_end", run=run, epoch=epoch)
         if config.eval_every_epoch and run.eval_data is not None:
             evaluate(run)
         _epoch_boundary(run, meter)
 
 
-def _end_epoch(run: Run, loader: Any, epoch: int, batches_per_epoch: int | None) -> None:
+def _end_epoch(run: Run, epoch: int) -> None:
     """The epoch's batches ran out, or a stop came: move the data position past it if done."""
-    state = run.state
+    state, length = run.state, run.fit_state.batches_per_epoch
     if state.batch_in_epoch == 0:
         # An epoch from its start gave nothing: with max_steps the loop would spin forever.
-        raise _no_batch_error(run, loader, epoch)
-    exhausted = not run.fit_state.stopping or (
-        batches_per_epoch is not None and state.batch_in_epoch >= batches_per_epoch
-    )
-    if exhausted:
+        raise _no_batch_error(run, run.fit_state.train_loader, epoch)
+    if not run.fit_state.stopping or (length is not None and state.batch_in_epoch >= length):
         state.epoch, state.batch_in_epoch = epoch + 1, 0
 
 
@@ -123,18 +112,12 @@ def _finish(run: Run, meter: _Meter) -> None:
     config, state, fit_state = run.config, run.state, run.fit_state
     # the end: a last log, eval and save unless the final step just had them
     meter.log()
-    if (
-        config.eval_at_end
-        and not fit_state.preempted  # the grace period before SIGKILL is for saving
-        and run.eval_data is not None
-        and fit_state.last_eval_step != state.step
-    ):
+    evaluated = run.eval_data is None or fit_state.last_eval_step == state.step
+    # not after a preemption: the grace period before SIGKILL is for saving
+    if config.eval_at_end and not evaluated and not fit_state.preempted:
         evaluate(run)
-    if (
-        config.save_at_end
-        and run.checkpoint_format is not None
-        and fit_state.last_save_step != state.step
-    ):
+    saved = run.checkpoint_format is None or fit_state.last_save_step == state.step
+    if config.save_at_end and not saved:
         checkpoint.save(run)
     checkpoint.finish_pending(run)  # fit returns with every save complete
     run.emit("on_fit_end", run=run)
@@ -177,16 +160,12 @@ def build_step(run: Run) -> Callable[[list[Any]], torch.Tensor]:
     )
     training_step = run.listeners["training_step"]
     normalization = run.config.loss_normalization
-    to_device = _bound_to_device(strategy)
-    precision_steps = not _inherits(strategy.precision, Precision, ("optimizer_step",))
-    update = (
-        strategy.optimizer_step
-        if _overrides(strategy, "optimizer_step") or precision_steps
-        else None
-    )
-    divides_only = not _overrides(strategy, "finalize_gradients", "divide_gradients") and (
-        _inherits(strategy.precision, Precision, ("unscale_gradients",))
-    )
+    to_device, precision = _bound_to_device(strategy), strategy.precision
+    own_update = _overrides(strategy, "optimizer_step")
+    own_update |= not _inherits(precision, Precision, ("optimizer_step",))
+    update = strategy.optimizer_step if own_update else None
+    divides_only = not _overrides(strategy, "finalize_gradients", "divide_gradients")
+    divides_only &= _inherits(precision, Precision, ("unscale_gradients",))
 
     def step(window: list[Any]) -> torch.Tensor:
         if step_begin is not None:
@@ -288,9 +267,8 @@ def _step_boundary(run: Run, meter: _Meter) -> None:
     if requests & PREEMPT:
         requests |= SAVE | STOP
         run.fit_state.preempted = True
-        run.fit_state.stop_reason = (
-            run.fit_state.preempt_reason or "preempted (a signal reached another rank)"
-        )
+        reason = run.fit_state.preempt_reason
+        run.fit_state.stop_reason = reason or "preempted (a signal reached another rank)"
     if config.max_steps is not None and state.step >= config.max_steps:
         requests |= STOP
         run.fit_state.stop_reason = run.fit_state.stop_reason or "max_steps"
@@ -305,9 +283,8 @@ def _step_boundary(run: Run, meter: _Meter) -> None:
         run.fit_state.requests = 0
         requested = requested or run.fit_state.stop_reason
     _stop_or_end_epoch(run, requests, requested)  # before the save, which records them
-    if (requests & SAVE or (config.save_every and state.step % config.save_every == 0)) and (
-        run.checkpoint_format is not None
-    ):
+    save_due = requests & SAVE or (config.save_every and state.step % config.save_every == 0)
+    if save_due and run.checkpoint_format is not None:
         checkpoint.save(run, background=config.save_async and not run.fit_state.stopping)
 
 
@@ -324,11 +301,8 @@ def _epoch_boundary(run: Run, meter: _Meter) -> None:
         requests |= run.strategy.agree(run.fit_state.requests)
         run.fit_state.requests = 0
     _stop_or_end_epoch(run, requests & ~END_EPOCH, run.fit_state.stop_reason)  # the epoch has ended
-    if (
-        requests & SAVE
-        and run.checkpoint_format is not None
-        and run.fit_state.last_save_step != state.step
-    ):
+    saved = run.checkpoint_format is None or run.fit_state.last_save_step == state.step
+    if requests & SAVE and not saved:
         checkpoint.save(run, background=run.config.save_async and not run.fit_state.stopping)
 
 
@@ -380,7 +354,7 @@ def _epoch_batches(run: Run, loader: Iterable[Any]) -> Iterator[Any]:
     batch_size = getattr(loader, "batch_size", None)
     # A DataLoader draws a seed from torch's generator whenever it is iterated; the run this
     # one continues did that at the epoch's start, before its checkpoint's RNG state was taken.
-    with resume.rng_preserved(run.device):
+    with checkpoint.rng_preserved(run.device):
         if isinstance(sampler, ResumableSampler) and batch_size:
             sampler.skip(done * batch_size)  # jump: the skipped samples are never read
             return iter(loader)
@@ -435,11 +409,7 @@ def _no_batch_error(run: Run, loader: Any, epoch: int) -> TreadleError:
             f"{epoch - 1}. Pass a re-iterable (a list, a DataLoader, a Dataset), or set "
             f"Config.max_steps <= {state.step}."
         )
-    elif (
-        isinstance(loader, torch.utils.data.DataLoader)
-        and loader.drop_last
-        and length_of(loader.dataset) is not None
-    ):
+    elif isinstance(loader, DataLoader) and loader.drop_last and length_of(loader.dataset):
         hint = (
             f"drop_last=True drops the only batch, which is incomplete ({length_of(loader.dataset)} "
             f"rows, batch_size={loader.batch_size}): use drop_last=False or a smaller batch size."
@@ -460,17 +430,13 @@ def _save_after_failure(run: Run, exc: Exception, first_step: int) -> None:
     """``exc`` escapes ``fit``: write an emergency checkpoint of the last completed step when that
     is safe, and say on ``exc`` what was done. The rule is in docs/checkpoints.md."""
     state = run.state
-    if run.checkpoint_format is None or state.step == first_step:
-        return  # nothing to save with, or nothing trained since this fit began
-    if run.fit_state.last_save_step == state.step:
-        return  # saved already
-    unsafe = _unsafe_to_save(run, exc)
-    if unsafe is not None:
-        exc.add_note(f"treadle: no emergency checkpoint was written: {unsafe}")
+    # nothing to save with, nothing trained since this fit began, or saved already
+    if run.checkpoint_format is None or state.step in (first_step, run.fit_state.last_save_step):
         return
-    path = checkpoint.checkpoints_dir(run) / f"step-{state.step:06d}"
-    if os.path.lexists(path):
-        exc.add_note(f"treadle: no emergency checkpoint was written: {path} exists and is kept")
+    existing = run.checkpoint_store.existing(run, state.step)
+    unsafe = _unsafe_to_save(run, exc) or (f"{existing} exists and is kept" if existing else None)
+    if unsafe:
+        exc.add_note(f"treadle: no emergency checkpoint was written: {unsafe}")
         return
     assert run.optimizer is not None
     run.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
@@ -537,7 +503,6 @@ class _Meter:
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.warned_non_finite = False  # once per fit
         self._reset()
 
     def _reset(self) -> None:
@@ -577,8 +542,6 @@ class _Meter:
         both = run.strategy.all_reduce(both, "sum")
         both[0] /= run.strategy.world_size
         loss, samples_all = both.tolist()
-        if not math.isfinite(loss):
-            self._warn_non_finite(loss)
         metrics = {
             "loss": loss,
             "lr": float(run.optimizer.param_groups[0]["lr"]),
@@ -587,105 +550,3 @@ class _Meter:
         }
         self._reset()
         run.log(metrics)
-
-    def _warn_non_finite(self, loss: float) -> None:
-        run = self.run
-        if self.warned_non_finite or not run.is_main_process:
-            return
-        self.warned_non_finite = True
-        if any(
-            getattr(plugin, "treadle_handles_non_finite", False) is True
-            for plugin in run.plugin_manager.get_plugins()
-        ):
-            return  # a plugin acts on non-finite values itself (numeric-guard does)
-        warnings.warn(
-            f"the training loss logged at step {run.state.step} is {loss}: the run has "
-            "diverged or its data holds non-finite values, and later checkpoints will hold "
-            "such weights. Add plugins=['numeric-guard'] to find the first bad step and stop "
-            "or skip it.",
-            TreadleWarning,
-            stacklevel=2,
-        )
-
-
-# ------------------------------------------------------------------ preemption
-
-
-@contextlib.contextmanager
-def preemption(run: Run) -> Iterator[None]:
-    """While ``fit`` runs: on SIGTERM or SIGINT, finish the step, save and stop on every rank.
-
-    The handlers are installed only in the main thread and the previous ones are restored
-    afterwards. A second signal is handled as it would have been without treadle (SIGINT
-    raises ``KeyboardInterrupt``, SIGTERM ends the process).
-    """
-    fit_state = run.fit_state
-    fit_state.preempt_requests, fit_state.preempted, fit_state.signal = 0, False, None
-    fit_state.preempt_reason = None
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous: dict[int, Any] = {}
-
-    def handle(signum: int, frame: Any) -> None:
-        if fit_state.signal is not None:  # the second one: the user insists
-            handler = previous.get(signum, signal.SIG_DFL)
-            _restore(previous)
-            if callable(handler):
-                handler(signum, frame)
-            elif handler != signal.SIG_IGN:
-                signal.raise_signal(signum)
-            return
-        fit_state.signal = signum
-        name = signal.Signals(signum).name
-        fit_state.preempt_reason = f"preempted ({name})"
-        fit_state.preempt_requests = PREEMPT
-        if run.is_main_process:
-            report(2, f"treadle: {name} received; finishing this step, saving and stopping "
-                      f"(send {name} again to stop at once)\n")  # fmt: skip
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[signum] = signal.signal(signum, handle)
-        except (ValueError, OSError):  # not settable here (an embedding interpreter)
-            continue
-    try:
-        yield
-    finally:
-        _restore(previous)
-
-
-def report(fd: int, text: str) -> None:
-    """Write ``text`` to ``fd`` with one system call; a write that fails is dropped.
-
-    os.write, not print: a signal handler may interrupt a print to the same stream. Nothing
-    that reports progress may stop a save: after ``python train.py 2>&1 | tee log`` the
-    terminal's Ctrl-C kills ``tee`` too, and the write raises ``BrokenPipeError``.
-    """
-    try:
-        os.write(fd, text.encode())
-    except BrokenPipeError:
-        discard_output(fd)
-    except OSError:  # closed, or a full disk: the message is lost, the run goes on
-        pass
-
-
-def discard_output(fd: int) -> None:
-    """Point ``fd``, whose reader is gone, at the null device: later writes to it (warnings, a
-    traceback, the interpreter's last flush, which would change the exit code to 120) succeed
-    instead of failing again."""
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        return
-    try:
-        os.dup2(null, fd)
-    except OSError:
-        pass
-    finally:
-        os.close(null)
-
-
-def _restore(previous: Mapping[int, Any]) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

@@ -26,13 +26,7 @@ from typing import Any, NamedTuple
 
 import importlib_metadata
 
-from treadle.errors import (
-    ConfigError,
-    PluginError,
-    PluginLoadError,
-    TreadleError,
-    UnknownNameError,
-)
+from treadle.errors import ConfigError, PluginError, PluginLoadError, TreadleError, UnknownNameError
 
 __all__ = [
     "KINDS", "Entry", "adapt", "blocked", "component", "describe", "entries",
@@ -50,8 +44,8 @@ AUTOLOAD_OFF = "TREADLE_DISABLE_PLUGIN_AUTOLOAD"
 #: treadle hook (see ``adapt``); a ``command`` is a subcommand of the ``treadle`` CLI
 #: (``treadle NAME ARGS...`` calls it with ``ARGS`` and exits with what it returns).
 KINDS = (
-    "strategy", "precision", "optimizer", "scheduler", "logger", "checkpoint", "plugin", "adapter",
-    "command",
+    "strategy", "precision", "optimizer", "scheduler", "logger", "checkpoint", "store", "plugin",
+    "adapter", "command",
 )  # fmt: skip
 
 
@@ -103,14 +97,8 @@ def _declared(kind: str) -> dict[str, list[Entry]]:
         raise TreadleError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
     found: dict[str, list[Entry]] = {}
     for point in importlib_metadata.entry_points(group=f"treadle.{kind}"):
-        dist = point.dist
-        entry = Entry(
-            kind,
-            point.name,
-            point.value,
-            dist.name if dist else "?",
-            dist.version if dist else "?",
-        )
+        dist, version = (point.dist.name, point.dist.version) if point.dist else ("?", "?")
+        entry = Entry(kind, point.name, point.value, dist, version)
         same = found.setdefault(point.name, [])
         # The same distribution can be visible twice (editable install plus a stale copy on
         # sys.path); that is one declaration, not a conflict.
@@ -121,8 +109,6 @@ def _declared(kind: str) -> dict[str, list[Entry]]:
 
 def refresh() -> None:
     """Forget cached entry points (after installing or removing a package in-process)."""
-    import importlib
-
     importlib.invalidate_caches()
     entries.cache_clear()
     _declared.cache_clear()
@@ -139,8 +125,7 @@ def load(kind: str, name: str) -> Any:
     """Import and return the object that the entry point ``name`` of ``kind`` points at."""
     candidates = entries(kind).get(name)
     if not candidates:
-        hidden = [why for entry, why in blocked() if (entry.kind, entry.name) == (kind, name)]
-        if hidden:
+        if hidden := [why for e, why in blocked() if (e.kind, e.name) == (kind, name)]:
             raise TreadleError(
                 f"{kind} {name!r} is installed but hidden by {hidden[0]}; unset it (or remove "
                 f"{name!r} from it) to use {name!r}"
@@ -154,11 +139,8 @@ def load(kind: str, name: str) -> Any:
         )
     entry = candidates[0]
     _check_supported(entry)
-    point = importlib_metadata.EntryPoint(
-        name=entry.name, value=entry.value, group=f"treadle.{kind}"
-    )
     try:
-        return point.load()
+        return importlib_metadata.EntryPoint(entry.name, entry.value, f"treadle.{kind}").load()
     except (Exception, SystemExit) as exc:  # a module calling sys.exit() at import, too
         raise PluginLoadError(kind, name, entry.value, entry.distribution, exc) from exc
 
@@ -180,9 +162,8 @@ def _check_supported(entry: Entry) -> None:
             requirement = Requirement(line)
         except InvalidRequirement:
             continue
-        if requirement.name.lower() != FIRST_PARTY or requirement.marker is not None:
-            continue
-        if not requirement.specifier.contains(__version__, prereleases=True):
+        ours = requirement.name.lower() == FIRST_PARTY and requirement.marker is None
+        if ours and not requirement.specifier.contains(__version__, prereleases=True):
             raise TreadleError(
                 f"{entry.kind} {entry.name!r} comes from {entry.distribution} "
                 f"{entry.version}, which supports treadle{requirement.specifier}, but treadle "
@@ -217,8 +198,12 @@ def adapt(obj: object) -> tuple[str, object] | None:
 # ------------------------------------------------------------------ building from specs
 
 
+#: the values a description keeps as they are (anything else is shown by its ``repr``)
+_PLAIN = str | int | float | bool | None
+
+
 def describe(spec: Any) -> Any:
-    if spec is None or isinstance(spec, str | int | float | bool):
+    if isinstance(spec, _PLAIN):
         return spec
     if isinstance(spec, tuple) and len(spec) == 2:
         factory, options = spec
@@ -229,10 +214,7 @@ def describe(spec: Any) -> Any:
 
 
 def jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        k: v if isinstance(v, str | int | float | bool | type(None)) else repr(v)
-        for k, v in options.items()
-    }
+    return {k: v if isinstance(v, _PLAIN) else repr(v) for k, v in options.items()}
 
 
 def split_spec(kind: str, spec: Any) -> tuple[str, dict[str, Any]] | None:
@@ -249,19 +231,15 @@ def split_spec(kind: str, spec: Any) -> tuple[str, dict[str, Any]] | None:
 
 
 def instantiate(kind: str, name: str, target: Any, options: Mapping[str, Any]) -> Any:
+    allowed = "?"  # when ``target`` has no signature
     try:
-        inspect.signature(target).bind(**options)
+        signature = inspect.signature(target)
+        allowed = ", ".join(p for p in signature.parameters if p not in ("self", "args", "kwargs"))
+        signature.bind(**options)
     except TypeError as exc:
-        try:
-            allowed = ", ".join(
-                p
-                for p in inspect.signature(target).parameters
-                if p not in ("self", "args", "kwargs")
-            )
-        except (TypeError, ValueError):
-            allowed = "?"
         raise ConfigError(
-            f"{kind} {name!r}: invalid options {sorted(options)}: {exc}. Allowed options: {allowed or 'none'}"
+            f"{kind} {name!r}: invalid options {sorted(options)}: {exc}. "
+            f"Allowed options: {allowed or 'none'}"
         ) from None
     except ValueError:
         pass  # no signature to check (a builtin): the call below says what is wrong
@@ -278,8 +256,7 @@ def instantiate(kind: str, name: str, target: Any, options: Mapping[str, Any]) -
 
 
 def component(kind: str, spec: Any, base: type) -> Any:
-    split = split_spec(kind, spec)
-    if split is None:
+    if (split := split_spec(kind, spec)) is None:
         if isinstance(spec, base):
             return spec
         raise ConfigError(
@@ -287,22 +264,19 @@ def component(kind: str, spec: Any, base: type) -> Any:
             f"{base.__module__}.{base.__qualname__} instance; got {type(spec).__name__}"
         )
     name, options = split
-    target = load(kind, name)
-    component = instantiate(kind, name, target, options)
-    if not isinstance(component, base):
+    built = instantiate(kind, name, load(kind, name), options)
+    if not isinstance(built, base):
         raise TreadleError(
-            f"{kind} {name!r} built a {type(component).__name__}, which is not a {base.__qualname__}"
+            f"{kind} {name!r} built a {type(built).__name__}, which is not a {base.__qualname__}"
         )
-    return component
+    return built
 
 
 def factory(kind: str, spec: Any, instance_type: type) -> Any:
     """Optimizer / scheduler: resolved to (factory, options) now, built at fit."""
-    split = split_spec(kind, spec)
-    if split is not None:
+    if (split := split_spec(kind, spec)) is not None:
         name, options = split
-        factory = load(kind, name)
-        return factory, options
+        return load(kind, name), options
     if isinstance(spec, instance_type) and instance_type is not object:
         return spec
     if callable(spec):
@@ -310,13 +284,13 @@ def factory(kind: str, spec: Any, instance_type: type) -> Any:
     if instance_type is object and hasattr(spec, "step"):
         return spec
     raise ConfigError(
-        f"{kind} must be a name, a {{'name': ..., **options}} mapping, an instance or a callable; got {type(spec).__name__}"
+        f"{kind} must be a name, a {{'name': ..., **options}} mapping, an instance or a "
+        f"callable; got {type(spec).__name__}"
     )
 
 
 def plugin(spec: Any) -> tuple[object, str]:
-    split = split_spec("plugin", spec)
-    if split is not None:
+    if (split := split_spec("plugin", spec)) is not None:
         name, options = split
         target = load("plugin", name)
         if isinstance(target, type):

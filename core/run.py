@@ -19,11 +19,11 @@ import pluggy
 import torch
 from torch import nn
 
-from treadle import defaults, evaluation, hookspecs, lock, loop, registry, tracing
-from treadle.components import CheckpointFormat, Logger, Precision, Strategy
+from treadle import checkpoint, defaults, evaluation, hookspecs, loop, registry, tracing
+from treadle.components import CheckpointFormat, CheckpointStore, Logger, Precision, Strategy
 from treadle.config import Config
 from treadle.errors import ConfigError, PluginError, Preempted, TreadleError, TreadleWarning
-from treadle.loop import END_EPOCH, EVAL, FINAL, LOG, SAVE, STOP
+from treadle.loop import END_EPOCH, EVAL, FINAL, LOG, PREEMPT, SAVE, STOP
 from treadle.state import FitState, LossSum, State
 
 __all__ = ["Run", "seed_everything"]
@@ -47,7 +47,9 @@ class Run:
             re-iterable of batches. May also be given to ``fit()``.
         eval_data: the same kinds, or a mapping of names to them.
         config: a ``Config`` or a mapping of its fields.
-        strategy, precision, checkpoint: a name, ``{"name": ..., **options}`` or an instance.
+        strategy, precision, checkpoint, store: a name, ``{"name": ..., **options}`` or an
+            instance. ``checkpoint`` is the format of the tensors' files (None: never save);
+            ``store`` is where checkpoints live and how they are made durable.
         optimizer: a name, ``{"name": ..., **options}``, an ``Optimizer`` or ``callable(model)``.
         scheduler: the same, or None; factories receive ``total_steps``.
         loggers: a list of logger names, option mappings or instances.
@@ -78,6 +80,7 @@ class Run:
         scheduler: ComponentSpec | None = None,
         loggers: Iterable[ComponentSpec] = ("console",),
         checkpoint: ComponentSpec | None = "safetensors",
+        store: ComponentSpec = "directory",
         plugins: Iterable[Any] = (),
         loss_fn: Callable[[Any, Any], torch.Tensor | LossSum] | None = None,
     ) -> None:
@@ -85,19 +88,16 @@ class Run:
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise ConfigError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if isinstance(config, Mapping):
-            config = Config.from_dict(config)
-        self.config: Config = config if config is not None else Config()
-        if not isinstance(self.config, Config):
-            raise ConfigError(
-                f"config must be a treadle.Config or a mapping, got {type(config).__name__}"
-            )
+        config = Config.from_dict(config) if isinstance(config, Mapping) else config
+        config = Config() if config is None else config
+        if not isinstance(config, Config):
+            raise ConfigError(f"config must be a Config or a mapping, got {type(config).__name__}")
+        self.config: Config = config
         self.model = model
         self.train_data = train_data
         self.eval_data = eval_data
         self.loss_fn = loss_fn
         self.state = State()
-        self._check_composition()
 
         self.strategy: Strategy = registry.component("strategy", strategy, Strategy)
         if precision is not None and self.strategy.owns_precision:
@@ -109,20 +109,18 @@ class Run:
         self.precision: Precision = registry.component("precision", precision or "fp32", Precision)
         self.strategy.precision = self.precision
         self.optimizer_spec = registry.factory("optimizer", optimizer, torch.optim.Optimizer)
-        self.scheduler_spec = (
-            None if scheduler is None else registry.factory("scheduler", scheduler, object)
-        )
+        factory = registry.factory
+        self.scheduler_spec = None if scheduler is None else factory("scheduler", scheduler, object)
         self.loggers: list[Logger] = [
             registry.component("logger", s, Logger) for s in defaults.sequence_of(loggers)
         ]
-        self.checkpoint_format: CheckpointFormat | None = (
-            None
-            if checkpoint is None
-            else registry.component("checkpoint", checkpoint, CheckpointFormat)
-        )
+        self.checkpoint_format: CheckpointFormat | None = None
+        if checkpoint is not None:
+            self.checkpoint_format = registry.component("checkpoint", checkpoint, CheckpointFormat)
         if self.config.resume is not None and self.checkpoint_format is None:
             raise ConfigError("Config.resume is set but checkpoint=None: name a checkpoint format")
-        self._check_async_save()
+        self.checkpoint_store: CheckpointStore = registry.component("store", store, CheckpointStore)
+        self._check_composition()
 
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
@@ -131,7 +129,6 @@ class Run:
         #: the checkpoint this run's state was loaded from (``Config.resume``), else None
         self.resumed_from: Path | None = None
         self._wrapped: nn.Module | None = None
-        self._output_lock: lock.OutputLock | None = None
         #: what a fit keeps between steps (requests, the stop under way, ...): the loop's
         self.fit_state = FitState()
 
@@ -139,7 +136,8 @@ class Run:
         self.plugin_manager.add_hookspecs(hookspecs)
         self._registered: dict[str, int] = {}  # plugin name -> registration index
         self._register(registry.load("plugin", defaults.PLUGIN_NAME), defaults.PLUGIN_NAME)
-        for component in (self.strategy, self.precision, *self.loggers, self.checkpoint_format):
+        components = (self.strategy, self.precision, *self.loggers, self.checkpoint_format)
+        for component in (*components, self.checkpoint_store):
             if component is not None:
                 self._register(component, getattr(component, "name", type(component).__name__))
         for spec in defaults.sequence_of(plugins):
@@ -236,19 +234,22 @@ class Run:
         self.state.last_metrics.update(record)
         monitor = self.config.monitor
         if monitor is not None and monitor in record:
-            self.fit_state.monitor_logged = True
-            self.fit_state.monitor_step = (
-                self.state.step
-            )  # a checkpoint of this step is ranked by it
-            value = float(record[monitor])
-            best = self.state.best_metric
-            better = best is None or (
-                value < best if self.config.monitor_mode == "min" else value > best
-            )
+            # a checkpoint of this step is ranked by it
+            self.fit_state.monitor_logged, self.fit_state.monitor_step = True, self.state.step
+            value, best = float(record[monitor]), self.state.best_metric
+            minimize = self.config.monitor_mode == "min"
+            better = best is None or (value < best if minimize else value > best)
             if better and math.isfinite(value):  # a diverged run's nan/inf is never the best
                 self.state.best_metric, self.state.best_step = value, self.state.step
         self.emit("on_log", run=self, metrics=record)
         self.state.last_metrics.update(record)  # with what on_log wrappers added
+
+    def preempt(self, reason: str, signum: int = signal.SIGTERM) -> None:
+        """Save and stop at the next step boundary on every rank; ``fit`` then raises
+        ``treadle.Preempted`` (exit code 128 + ``signum``). It only records the request, so a
+        signal handler may call it: the defaults plugin's does, on SIGTERM and SIGINT."""
+        self.fit_state.signal, self.fit_state.preempt_reason = signum, reason
+        self.fit_state.preempt_requests = PREEMPT
 
     def is_stopping(self) -> bool:
         """Whether the current ``fit`` stops at this step boundary."""
@@ -301,10 +302,11 @@ class Run:
             self._check_composition()
         if self.train_data is None:
             raise ConfigError("no training data: pass train_data to treadle.Run or to fit()")
-        self.fit_state.monitor_logged = False
-        with self._locked(), loop.preemption(self):
+        fit_state = self.fit_state
+        fit_state.monitor_logged = fit_state.preempted = False
+        fit_state.preempt_requests, fit_state.signal, fit_state.preempt_reason = 0, None, None
+        with self.checkpoint_store.hold(self):
             state: State = self._guarded(loop.fit, self)
-        self._warn_if_monitor_unseen()
         if self.fit_state.signal is not None or self.fit_state.preempted:
             if self.checkpoint_format is None:
                 warnings.warn(
@@ -327,9 +329,7 @@ class Run:
 
     def save(self) -> Path:
         """Write a checkpoint now; returns its directory."""
-        from treadle import checkpoint
-
-        with self._locked():
+        with self.checkpoint_store.hold(self):
             path: Path = self._guarded(checkpoint.save, self)
         return path
 
@@ -337,8 +337,6 @@ class Run:
         """Release the strategy's processes and engines; the run cannot train afterwards."""
         # A wrapper (DDP, an engine) must be freed before the strategy destroys the process
         # group it uses, or its destructor may abort the process at exit.
-        from treadle import checkpoint
-
         checkpoint.finish_pending(self)  # a save interrupted by KeyboardInterrupt
         if self._wrapped is not self.model:
             self._wrapped = None
@@ -428,12 +426,9 @@ class Run:
                 adapter, wrapper = adapted
                 self._register(wrapper, f"{adapter}:{name}")
                 return
-            found = (
-                f" Its methods {', '.join(undecorated)} are named like hooks but lack the "
-                "decorator."
-                if undecorated
-                else ""
-            )
+            methods = ", ".join(undecorated)
+            found = f" Its methods {methods} are named like hooks but lack the decorator."
+            found = found if methods else ""
             raise ConfigError(
                 f"plugin {name!r} ({registry.describe(spec)}) implements no treadle hook, so it would do "
                 f"nothing.{found} Decorate its hook methods with @treadle.hookimpl (see "
@@ -483,52 +478,10 @@ class Run:
 
     # ------------------------------------------------------------------ composition checks
 
-    def check_monitor(self, metric: str, who: str) -> None:
-        """Refuse (``ConfigError``) a monitored evaluation metric that can never be logged, and
-        warn when it can be logged only once, at the end of ``fit``.
-
-        ``who`` names the option in messages, e.g. ``"early-stopping monitor"``. A metric is
-        an evaluation metric when its prefix is an eval set's name (``"eval/..."`` for one
-        set, the mapping's keys for several).
-        """
-        prefix = metric.partition("/")[0] if "/" in metric else None
-        names = (
-            [str(key) for key in self.eval_data]
-            if isinstance(self.eval_data, Mapping)
-            else ["eval"]
-        )
-        if prefix is None or (prefix != "eval" and prefix not in names):
-            return  # a training or plugin metric: logged on the run's own schedule
-        config = self.config
-        if self.eval_data is None or prefix not in names:
-            logged = (
-                "no eval_data was given"
-                if self.eval_data is None
-                else (f"the eval sets are named {', '.join(map(repr, names))}")
-            )
-            raise ConfigError(
-                f"{who} {metric!r} is an evaluation metric that is never logged: {logged}. "
-                "Pass eval_data (with Config.eval_every or eval_every_epoch), or monitor a "
-                "metric that is logged."
-            )
-        if config.eval_every is None and not config.eval_every_epoch:
-            when = "once, at the end of fit" if config.eval_at_end else "never (eval_at_end=False)"
-            if not config.eval_at_end:
-                raise ConfigError(
-                    f"{who} {metric!r} is never logged: evaluation runs {when}. "
-                    "Set Config.eval_every or eval_every_epoch."
-                )
-            warnings.warn(
-                f"{who} {metric!r} is logged only {when}, so it can act only once. Set "
-                "Config.eval_every (steps) or eval_every_epoch=True to evaluate during training.",
-                TreadleWarning,
-                stacklevel=3,
-            )
-
     def _check_composition(self) -> None:
         """Options that contradict each other or the data, refused (or warned) before compute."""
         config = self.config
-        _check_output_dir(config.output_dir)
+        self.checkpoint_store.check(self)
         if self.eval_data is None:
             for field, value in (
                 ("eval_every", config.eval_every),
@@ -540,70 +493,6 @@ class Run:
                         "nothing would be evaluated. Pass eval_data to treadle.Run, or unset "
                         f"{field}."
                     )
-        if config.keep_best and config.monitor is not None:
-            self.check_monitor(config.monitor, "Config.monitor (keep_best)")
-        self._check_loader_options()
-
-    def _check_async_save(self) -> None:
-        fmt = self.checkpoint_format
-        if not self.config.save_async:
-            return
-        if fmt is None:
-            raise ConfigError(
-                "Config.save_async = True is not allowed with checkpoint=None: nothing is saved. "
-                "Name a checkpoint format, or unset save_async."
-            )
-        if fmt.sharded:
-            raise ConfigError(
-                f"Config.save_async = True is not allowed with checkpoint={fmt.name!r}: that "
-                "format writes shards from every rank together, which a background thread "
-                "cannot do. Use a format the main process writes alone (sharded = False), or "
-                "unset save_async."
-            )
-
-    def _check_loader_options(self) -> None:
-        from torch.utils.data import DataLoader
-
-        if not isinstance(self.train_data, DataLoader):
-            return
-        config, defaults_ = self.config, Config()
-        ignored = [
-            f"{field}={getattr(config, field)!r}"
-            for field in ("shuffle", "drop_last")
-            if getattr(config, field) != getattr(defaults_, field)
-        ]
-        eval_sets = (
-            list(self.eval_data.values())
-            if isinstance(self.eval_data, Mapping)
-            else [self.eval_data]
-        )
-        batch_size_used = config.eval_batch_size is None and any(
-            d is not None and not isinstance(d, DataLoader) for d in eval_sets
-        )
-        if config.batch_size is not None and not batch_size_used:
-            ignored.insert(0, f"batch_size={config.batch_size!r}")
-        if ignored:
-            warnings.warn(
-                f"Config.{', Config.'.join(ignored)} cannot take effect: train_data is a ready "
-                "DataLoader, which batches (and shuffles) as it was built. Set these on the "
-                "DataLoader, or pass its Dataset as train_data to let treadle batch it.",
-                TreadleWarning,
-                stacklevel=4,
-            )
-
-    def _warn_if_monitor_unseen(self) -> None:
-        config = self.config
-        if not config.keep_best or config.monitor is None or self.fit_state.monitor_logged:
-            return
-        if not self.is_main_process or self.fit_state.preempted:
-            return
-        logged = sorted(set(self.state.last_metrics) - {"step", "epoch"}) or ["(nothing)"]
-        warnings.warn(
-            f"Config.monitor {config.monitor!r} was never logged during this fit, so keep_best "
-            f"could rank no checkpoint. Logged metrics: {', '.join(logged)}.",
-            TreadleWarning,
-            stacklevel=3,
-        )
 
     @contextlib.contextmanager
     def _building(self, kind: str, spec: Any) -> Iterator[None]:
@@ -619,19 +508,6 @@ class Run:
             raise ConfigError(
                 f"{kind} {registry.describe(spec)}: building it raised {type(exc).__name__}: {exc}"
             ) from exc
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the output directory's lock (main process; re-entrant within this run)."""
-        if self._output_lock is not None or not self.is_main_process:
-            yield
-            return
-        self._output_lock = lock.acquire(self.output_dir)
-        try:
-            yield
-        finally:
-            self._output_lock.release()
-            self._output_lock = None
 
     # ------------------------------------------------------------------ set-up, once
 
@@ -753,22 +629,6 @@ def _frame_owner(candidates: list[tuple[object, str, str]], frame: Any) -> tuple
         if this is not None and this is plugin:
             return name, hook
     return None
-
-
-def _check_output_dir(output_dir: str) -> None:
-    """An output directory (or a parent of it) that is a file fails every save: say so now."""
-    path = Path(output_dir)
-    for candidate in (path, *path.parents):
-        try:
-            if candidate.exists() and not candidate.is_dir():
-                raise ConfigError(
-                    f"Config.output_dir = {output_dir!r} is not allowed: {candidate} is a file, "
-                    "not a directory. Choose another output_dir, or move the file."
-                )
-        except OSError as exc:  # a name too long, a permission denied on a parent
-            raise ConfigError(
-                f"Config.output_dir = {output_dir!r} is not allowed: {exc.strerror or exc}"
-            ) from None
 
 
 def _hook_in(message: str) -> str:

@@ -1,7 +1,8 @@
 """``treadle export``: a checkpoint's weights as a weights-only folder, in any checkpoint format.
 
-The folder is written with the kernel's directory protocol (``treadle.checkpoint``: temporary
-name, manifest with sizes and checksums, rename), so ``treadle.load_weights`` verifies and
+The folder is written with the ``directory`` store's protocol
+(``treadle.plugins.checkpoint.directory``: temporary name, manifest with sizes and checksums,
+rename), so ``treadle.load_weights`` verifies and
 reads it like a checkpoint; the files for the tensors are the target format's
 (``CheckpointFormat.export_model``).
 """
@@ -14,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from treadle import registry
-from treadle.checkpoint import LAYOUT_VERSION, resolve, verify, write_folder
 from treadle.components import CheckpointFormat
 from treadle.errors import CheckpointError, ConfigError, TreadleError
-from treadle.resume import read_meta
+from treadle.plugins.checkpoint.directory import resolve, write_folder
+from treadle.plugins.checkpoint.files import LAYOUT_VERSION, read_meta, verify
 
 __all__ = ["export"]
 

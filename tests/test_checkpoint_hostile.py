@@ -25,6 +25,8 @@ from ckpt_runs import make_run
 import treadle
 from treadle import checkpoint
 from treadle.errors import CheckpointError, TreadleError, TreadleWarning
+from treadle.plugins.checkpoint import directory
+from treadle.plugins.checkpoint import files as checkpoint_files
 from treadle.plugins.export import export
 
 STEP2, STEP4 = "step-000002", "step-000004"
@@ -66,7 +68,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def regenerate_manifest(path: Path) -> None:
     """As an attacker (or a bug) would: a manifest that agrees with whatever is there."""
     (path / "manifest.json").unlink()
-    checkpoint._write_manifest(path)
+    checkpoint_files.write_manifest(path)
 
 
 def fresh_run(out: Path, **kwargs: Any) -> tuple[treadle.Run, Any]:
@@ -176,7 +178,7 @@ def test_a_failed_rename_on_resave_keeps_the_old_checkpoint_visible(
     assert checkpoint.verify(root / STEP4) == []
     assert (root / "latest").read_text().strip() == STEP4
     treadle.load_weights(toy.model(width=8, dropout=0.2), root / "latest".replace("latest", STEP4))
-    assert checkpoint.find_resumable(root) == root / STEP4
+    assert directory.find_resumable(root) == root / STEP4
 
 
 def test_a_checkpoint_hidden_by_an_interrupted_resave_is_restored_at_resume(out: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import treadle
+from treadle.plugins.checkpoint.directory import DirectoryStore
 from treadle.plugins.checkpoint.torch_format import TorchFormat
 from treadle.plugins.loggers.jsonl import JsonlLogger
 from treadle.testing import (
@@ -23,6 +24,7 @@ from treadle.testing import (
     OptimizerConformance,
     PrecisionConformance,
     SchedulerConformance,
+    StoreConformance,
 )
 
 ROOT = Path(__file__).parents[1]
@@ -51,6 +53,10 @@ class TestTorchFormat(CheckpointConformance):
 
 class TestGradClip(CallbackConformance):
     plugin = {"name": "grad-clip", "max_norm": 0.5}
+
+
+class TestDirectoryStore(StoreConformance):
+    store = "directory"
 
 
 # ---------------------------------------------------------------- broken components fail
@@ -110,6 +116,13 @@ class _LosesDtype(TorchFormat):
         return {k: v.float() for k, v in super().load_tensors(directory, stem).items()}
 
 
+class _DropsOptimizerState(DirectoryStore):
+    name = "drops-optimizer-state"
+
+    def write(self, run: Any, snapshot: Any, *, background: bool = False) -> Path:
+        return super().write(run, snapshot._replace(optimizer=None), background=background)
+
+
 class _WrongArgument:
     @treadle.hookimpl
     def on_step_end(self, run: Any, los: Any) -> None:
@@ -131,6 +144,8 @@ class _WrongArgument:
          "test_tensors_round_trip", "came back"),
         (CallbackConformance, "plugin", _WrongArgument,
          "test_implements_real_hooks_with_real_arguments", "los"),
+        (StoreConformance, "store", _DropsOptimizerState,
+         "test_resume_continues_bit_for_bit", "differs from the uninterrupted run"),
     ],
 )  # fmt: skip
 def test_a_broken_component_fails_its_check(

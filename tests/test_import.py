@@ -51,6 +51,10 @@ def test_composing_a_run_imports_only_the_named_components() -> None:
     )
     plugins = sorted(m for m in modules if m.startswith("treadle.plugins."))
     assert plugins == [
+        "treadle.plugins.checkpoint",  # the store, "directory" by default, is a component too
+        "treadle.plugins.checkpoint.directory",
+        "treadle.plugins.checkpoint.files",
+        "treadle.plugins.checkpoint.lock",
         "treadle.plugins.defaults",
         "treadle.plugins.loggers",
         "treadle.plugins.loggers.jsonl",

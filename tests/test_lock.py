@@ -17,15 +17,15 @@ import pytest
 import toy
 
 import treadle
-from treadle import lock
 from treadle.errors import TreadleError, TreadleWarning
+from treadle.plugins.checkpoint import lock
 
 # Takes the lock on argv[1], says so, and holds it until its stdin closes (or it is killed).
 _HOLDER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from treadle import lock
+    from treadle.plugins.checkpoint import lock
     held = lock.acquire(Path(sys.argv[1]))
     print("ready", flush=True)
     sys.stdin.read()

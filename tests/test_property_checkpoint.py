@@ -31,6 +31,8 @@ from hypothesis import strategies as st
 import treadle
 from treadle import checkpoint
 from treadle.errors import TreadleError, TreadleWarning
+from treadle.plugins.checkpoint import directory
+from treadle.plugins.checkpoint import files as checkpoint_files
 from treadle.plugins.export import export
 
 SETTINGS = settings(
@@ -103,7 +105,9 @@ def mutate(step: Path, outside: Path, draw: Callable[[Any], Any]) -> None:
         if file.name != "manifest.json" and draw(st.integers(0, 3)):
             (step / "manifest.json").unlink()
             with contextlib.suppress(TreadleError):  # refused where a link or FIFO is planted
-                checkpoint._write_manifest(step)  # a consistent manifest for inconsistent content
+                checkpoint_files.write_manifest(
+                    step
+                )  # a consistent manifest for inconsistent content
     elif kind == "manifest":
         try:
             manifest = json.loads((step / "manifest.json").read_bytes())
@@ -197,7 +201,7 @@ def test_readers_fail_only_with_treadle_errors(
     before = snapshot(outside)
     root = out / "checkpoints"
     assert isinstance(checkpoint.verify(step), list)
-    behaves(lambda: checkpoint.find_resumable(root))
+    behaves(lambda: directory.find_resumable(root))
     for source in (out, step):
         behaves(lambda s=source: treadle.load_weights(toy.model(width=8, dropout=0.2), s))
         behaves(lambda s=source: export(s, out.parent / f"export-{s.name}"))

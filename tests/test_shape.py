@@ -1,5 +1,5 @@
 """The kernel's shape (``tests/shape.py``, ``nox -s shape``): the checks that guard the loop's
-readability hold on every commit. The line budget itself is reported by ``nox -s shape``."""
+readability, the line budget included, hold on every commit."""
 
 from __future__ import annotations
 
@@ -7,6 +7,17 @@ import textwrap
 from pathlib import Path
 
 from tests import shape
+
+
+def test_the_kernel_is_within_its_line_budget() -> None:
+    lines = sum(
+        shape.code_lines(p.read_text())
+        for p in shape.kernel_modules()
+        if shape.KIT not in p.parents
+    )
+    assert lines <= shape.BUDGET, (
+        f"core/ holds {lines} code lines, over {shape.BUDGET}: python -m tests.shape"
+    )
 
 
 def test_no_module_but_run_py_touches_a_private_attribute_of_a_run() -> None:

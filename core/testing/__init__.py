@@ -17,6 +17,7 @@ OptimizerConformance   ``optimizer``           :mod:`treadle.testing.optimizer`
 SchedulerConformance   ``scheduler``           :mod:`treadle.testing.scheduler`
 LoggerConformance      ``logger``              :mod:`treadle.testing.logger`
 CheckpointConformance  ``checkpoint``          :mod:`treadle.testing.checkpoint`
+StoreConformance       ``store``               :mod:`treadle.testing.store`
 CallbackConformance    ``plugin``              :mod:`treadle.testing.callback`
 =====================  ======================  ===========================================
 
@@ -41,6 +42,7 @@ from treadle.testing.optimizer import OptimizerConformance
 from treadle.testing.precision import PrecisionConformance
 from treadle.testing.processes import WorkerFailed, free_port, run_distributed, run_isolated
 from treadle.testing.scheduler import SchedulerConformance
+from treadle.testing.store import StoreConformance
 from treadle.testing.strategy import (
     REFERENCE,
     StrategyConformance,
@@ -59,6 +61,7 @@ __all__ = [
     "OptimizerConformance",
     "PrecisionConformance",
     "SchedulerConformance",
+    "StoreConformance",
     "StrategyConformance",
     "TinyBlock",
     "TinyModel",

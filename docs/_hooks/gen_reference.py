@@ -272,6 +272,7 @@ KIND_TITLES = {
     "scheduler": ("Schedulers", "`scheduler=`: a factory called with the optimizer"),
     "logger": ("Loggers", "`loggers=`: where metrics go"),
     "checkpoint": ("Checkpoint formats", "`checkpoint=`: how tensors are written"),
+    "store": ("Checkpoint stores", "`store=`: where checkpoints are kept, and how"),
     "plugin": ("Plugins", "`plugins=`: callbacks and techniques, by name"),
     "adapter": ("Adapters", "turn a foreign callback object into a treadle plugin"),
     "command": ("Commands", "`treadle NAME ...` subcommands"),
@@ -515,6 +516,11 @@ RUN_KEYS: dict[str, tuple[str, str, str]] = {
         "optional (`safetensors`)",
         "A checkpoint format name or table "
         "([Checkpoint formats](components.md#checkpoint-formats)).",
+    ),
+    "store": (
+        "string or table",
+        "optional (`directory`)",
+        "A checkpoint store name or table ([Checkpoint stores](components.md#checkpoint-stores)).",
     ),
     "plugins": (
         "array of strings or tables",

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from treadle.errors import ConfigError, TreadleWarning
 from treadle.hookspecs import hookimpl
+from treadle.plugins.defaults import check_monitor
 
 if TYPE_CHECKING:
     from treadle.run import Run
@@ -124,7 +125,7 @@ class EarlyStopping:
 
     @hookimpl
     def on_init_end(self, run: Run) -> None:
-        run.check_monitor(self.monitor, "early-stopping monitor")
+        check_monitor(run, self.monitor, "early-stopping monitor")
 
     @hookimpl
     def on_fit_begin(self) -> None:
@@ -141,7 +142,7 @@ class EarlyStopping:
         self._checked_this_fit = True
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TreadleWarning)  # said once already, at composition
-            run.check_monitor(self.monitor, "early-stopping monitor")
+            check_monitor(run, self.monitor, "early-stopping monitor")
 
     @hookimpl
     def on_log(self, run: Run, metrics: Mapping[str, float]) -> None:

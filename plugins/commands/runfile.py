@@ -33,7 +33,7 @@ __all__ = ["RUN_KEYS", "apply_overrides", "build_run", "parse_key_values", "run_
 #: the top-level keys of a run file
 RUN_KEYS = {
     "model", "train_data", "eval_data", "loss_fn", "config", "strategy", "precision",
-    "optimizer", "scheduler", "loggers", "checkpoint", "plugins",
+    "optimizer", "scheduler", "loggers", "checkpoint", "store", "plugins",
 }  # fmt: skip
 
 
@@ -158,7 +158,7 @@ def build_run(path: str | Path, overrides: Mapping[str, Any] | None = None) -> R
     if "loss_fn" in spec:
         with _naming(path, "loss_fn"):
             kwargs["loss_fn"] = import_path(spec["loss_fn"])
-    for key in ("precision", "optimizer", "scheduler", "checkpoint"):
+    for key in ("precision", "optimizer", "scheduler", "checkpoint", "store"):
         if key in spec:
             kwargs[key] = spec[key]
     # one name or table stands for a list of one, as in the Python API (loggers="jsonl")
@@ -171,7 +171,7 @@ def build_run(path: str | Path, overrides: Mapping[str, Any] | None = None) -> R
         return Run(model, **kwargs)
 
 
-_COMPONENT_TABLES = ("strategy", "precision", "optimizer", "scheduler", "checkpoint")
+_COMPONENT_TABLES = ("strategy", "precision", "optimizer", "scheduler", "checkpoint", "store")
 _LIST_TABLES = ("loggers", "plugins")
 
 
@@ -251,7 +251,7 @@ The run file:
                                      every table below
   [config]                           fields of treadle.Config:
 {fields}
-  [strategy] [precision] [optimizer] [scheduler] [checkpoint]
+  [strategy] [precision] [optimizer] [scheduler] [checkpoint] [store]
                                      name = "..." and the component's options, or just a
                                      name: optimizer = "adamw"
   [[loggers]] [[plugins]]            name = "..." and options, per entry; a plugin may be

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 from treadle.components import Logger
 from treadle.errors import ConfigError
 from treadle.hookspecs import hookimpl
-from treadle.loop import discard_output
+from treadle.plugins.defaults import discard_output
 
 if TYPE_CHECKING:
     from pathlib import Path

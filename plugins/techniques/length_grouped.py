@@ -56,9 +56,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from treadle.data import ResumableSampler, with_sampler
+from treadle.data import ResumableSampler
 from treadle.errors import ConfigError
 from treadle.hookspecs import hookimpl
+from treadle.plugins.defaults import with_sampler
 
 if TYPE_CHECKING:
     from treadle.run import Run

@@ -318,7 +318,7 @@ class LRFinder:
         self.done = True
         snapshot = _Snapshot(run)
         try:
-            from treadle.resume import rng_preserved
+            from treadle.checkpoint import rng_preserved
 
             with rng_preserved(run.device):
                 self._range_test(run)
