@@ -34,8 +34,10 @@ def batch_rows(batch: Any) -> int:
         return int(batch.shape[0]) if batch.dim() else 1
     elif not isinstance(batch, Iterable) or isinstance(batch, str | bytes):
         return 1
-    # the first dimension of the first tensor that is not a scalar
-    return next((int(v.shape[0]) for v in values if isinstance(v, torch.Tensor) and v.dim()), 1)
+    for value in values:  # a loop, not next(genexpr): this runs for every micro-batch
+        if isinstance(value, torch.Tensor) and (shape := value.shape):  # () for a scalar
+            return int(shape[0])
+    return 1
 
 
 def sequence_of(value: Any) -> Sequence[Any]:
