@@ -166,6 +166,14 @@ def build_step(run: Run) -> Callable[[list[Any]], torch.Tensor]:
     update = strategy.optimizer_step if own_update else None
     divides_only = not _overrides(strategy, "finalize_gradients", "divide_gradients")
     divides_only &= _inherits(precision, Precision, ("unscale_gradients",))
+    plain = not _overrides(strategy, "backward") and _inherits(
+        precision, Precision, ("scale_loss",)
+    )
+    plain &= not {"on_before_backward", "on_after_backward"} & run.listeners.keys()
+    fit_state.plain_backward = torch.autograd.backward if plain else None
+    fit_state.plain_forward = not _overrides(strategy, "forward_context") and _inherits(
+        precision, Precision, ("forward_context",)
+    )
 
     def step(window: list[Any]) -> torch.Tensor:
         if step_begin is not None:

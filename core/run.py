@@ -269,7 +269,9 @@ class Run:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate through the strategy, with the backward events around it."""
-        # emit, inlined: this runs for every micro-batch (see loop._train_step)
+        if (plain := self.fit_state.plain_backward) is not None:  # see loop.build_step
+            return plain(loss)
+        # emit, inlined: this runs for every micro-batch
         if (hook := self.listeners.get("on_before_backward")) is not None:
             hook(run=self, loss=loss)
         self.strategy.backward(loss)
@@ -400,7 +402,8 @@ class Run:
                 self.listeners[hook_name] = impls[0].function  # the kernel's default, direct
             elif impls:
                 self.listeners[hook_name] = caller
-        self.fit_state.step = None
+        self.fit_state.step = self.fit_state.plain_backward = None
+        self.fit_state.plain_forward = False
 
     def add_plugin(self, plugin: Any) -> None:
         """Register one more plugin (an object, module, name or option mapping)."""

@@ -98,5 +98,11 @@ class FitState:
     monitor_logged: bool = False
     #: why the checkpoint being written is an emergency one (a failure), else None
     emergency: str | None = None
+    #: ``torch.autograd.backward`` while ``run.backward`` would only call it (no backward event
+    #: has listeners, neither ``Strategy.backward`` nor ``Precision.scale_loss`` is overridden)
+    plain_backward: Callable[[torch.Tensor], None] | None = None
+    #: ``Strategy.forward_context`` would enter nothing (neither it nor the precision's is
+    #: overridden): a provider may call the model without it
+    plain_forward: bool = False
     #: the optimizer step of this fit, built when it starts (``treadle.loop.build_step``)
     step: Callable[[list[Any]], torch.Tensor] | None = None

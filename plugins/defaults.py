@@ -84,8 +84,14 @@ def _loss_of(run: Run, outputs: Any, batch: Any, during: str = "") -> torch.Tens
 
 @hookimpl(trylast=True)
 def training_step(run: Run, model: nn.Module, batch: Any) -> torch.Tensor | LossSum:
-    with run.strategy.forward_context():
-        loss = run.provide("compute_loss", run=run, model=model, batch=batch)
+    compute = run.listeners["compute_loss"]  # run.provide, inlined: every micro-batch
+    if run.fit_state.plain_forward:  # the forward context would enter nothing: loop.build_step
+        loss = compute(run=run, model=model, batch=batch)
+    else:
+        with run.strategy.forward_context():
+            loss = compute(run=run, model=model, batch=batch)
+    if loss is None:
+        raise TreadleError("no implementation of 'compute_loss' returned a value")
     value = backward_value(loss, run.config.loss_normalization)
     try:
         run.backward(value)
