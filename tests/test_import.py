@@ -56,6 +56,8 @@ def test_composing_a_run_imports_only_the_named_components() -> None:
         "treadle.plugins.checkpoint.files",
         "treadle.plugins.checkpoint.lock",
         "treadle.plugins.defaults",
+        "treadle.plugins.defaults.guards",
+        "treadle.plugins.defaults.providers",
         "treadle.plugins.loggers",
         "treadle.plugins.loggers.jsonl",
         "treadle.plugins.optimizers",

@@ -184,7 +184,25 @@ class DirectoryStore(CheckpointStore):
         return resolve(path)
 
     def load_weights(self, model: nn.Module, path: Path | str, *, strict: bool, check: bool) -> Any:
-        return load_weights(model, path, strict=strict, check=check)
+        """``treadle.load_weights``: read by the format that the checkpoint's ``state.json``
+        names (an export's too); nothing is unpickled."""
+        directory = resolve(path)
+        if check:
+            problems = files.verify(directory)
+            if problems:
+                raise CheckpointError(
+                    f"cannot load weights from {directory}: {'; '.join(problems)}"
+                )
+        fmt = registry.component(
+            "checkpoint", files.read_meta(directory)["format"], CheckpointFormat
+        )
+        state = fmt.load_model(directory, model) if strict else fmt.load_tensors(directory, "model")
+        try:
+            return model.load_state_dict(state, strict=strict)
+        except RuntimeError as exc:
+            raise TreadleError(
+                f"cannot load the weights of {directory} into the model: {exc}"
+            ) from exc
 
 
 _IN_FLIGHT: weakref.WeakKeyDictionary[Run, _Writer] = weakref.WeakKeyDictionary()
@@ -465,46 +483,6 @@ def _step_dirs(root: Path) -> list[Path]:
 def _step_of(path: Path) -> int:
     match = _STEP_DIR.match(path.name)
     return int(match.group(1)) if match else -1
-
-
-def load_weights(
-    model: nn.Module, path: Path | str, *, strict: bool = True, check: bool = True
-) -> Any:
-    """Load a checkpoint's (or an export's) weights into ``model``, for inference.
-
-    The tensors are read by the checkpoint format named in the checkpoint's ``state.json``
-    (found through the ``treadle.checkpoint`` entry points); nothing is unpickled.
-
-    Args:
-        model: the model to fill (built as for training; not wrapped).
-        path: a checkpoint directory, a directory of checkpoints (its newest valid one), a
-            run's output directory, or a folder written by ``treadle export``.
-        strict: require the names to match exactly, as ``nn.Module.load_state_dict`` does.
-        check: verify sizes and SHA-256 checksums against the manifest first.
-
-    Returns:
-        ``load_state_dict``'s result: the missing and unexpected keys.
-
-    Raises:
-        TreadleError: no checkpoint there, a damaged one, or names or shapes that differ.
-
-    Example::
-
-        model = build_model()
-        treadle.load_weights(model, "runs/exp1")           # newest valid checkpoint
-        treadle.load_weights(model, "runs/exp1/checkpoints/step-000120")
-    """
-    directory = resolve(path)
-    if check:
-        problems = files.verify(directory)
-        if problems:
-            raise CheckpointError(f"cannot load weights from {directory}: {'; '.join(problems)}")
-    fmt = registry.component("checkpoint", files.read_meta(directory)["format"], CheckpointFormat)
-    state = fmt.load_model(directory, model) if strict else fmt.load_tensors(directory, "model")
-    try:
-        return model.load_state_dict(state, strict=strict)
-    except RuntimeError as exc:
-        raise TreadleError(f"cannot load the weights of {directory} into the model: {exc}") from exc
 
 
 def _check_output_dir(output_dir: str) -> None:
