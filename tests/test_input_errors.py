@@ -141,6 +141,18 @@ def test_batch_options_with_a_ready_dataloader_warn_naming_the_fields() -> None:
         treadle.Run(toy.model(), loader, eval_data=toy.dataset(), config={"batch_size": 3})
 
 
+def test_batch_options_are_checked_again_when_fit_is_given_a_ready_dataloader(
+    tmp_path: Path,
+) -> None:
+    run = treadle.Run(toy.model(), toy.train_data(), loggers=[], checkpoint=None,
+                      config={"batch_size": 4, "max_steps": 1, "output_dir": str(tmp_path)})  # fmt: skip
+    with pytest.warns(TreadleWarning, match=r"Config.batch_size=4 cannot take effect"):
+        run.fit(train_data=DataLoader(toy.dataset(), batch_size=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TreadleWarning)
+        run.fit(max_steps=2)  # the same data and options: said once is enough
+
+
 def test_optimizer_options_the_factory_refuses_name_the_optimizer(tmp_path: Path) -> None:
     def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr="fast")  # type: ignore[arg-type]

@@ -66,9 +66,22 @@ def check_monitor(run: Run, metric: str, who: str) -> None:
 
 @hookimpl(trylast=True)
 def on_init_end(run: Run) -> None:
-    """Warn about the batching options this plugin's ``make_train_loader`` cannot apply."""
-    if not isinstance(run.train_data, DataLoader):
+    _warn_unused_loader_options(run)
+
+
+#: per run: the data and batching options last checked by the warning below
+_CHECKED: weakref.WeakKeyDictionary[Run, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+_BATCHING = ("batch_size", "eval_batch_size", "shuffle", "drop_last")
+
+
+def _warn_unused_loader_options(run: Run) -> None:
+    """Warn about the batching options the default ``make_train_loader`` cannot apply (when
+    the run is composed, and again at a fit that changed the data or the config)."""
+    options = tuple(getattr(run.config, name) for name in _BATCHING)
+    checked = (id(run.train_data), id(run.eval_data), *options)
+    if _CHECKED.get(run) == checked or not isinstance(run.train_data, DataLoader):
         return
+    _CHECKED[run] = checked
     config, defaults_ = run.config, Config()
     ignored = [
         f"{field}={getattr(config, field)!r}"
@@ -131,6 +144,7 @@ def on_fit_begin(run: Run) -> None:
     raises ``KeyboardInterrupt``, SIGTERM ends the process).
     """
     _WARNED_NON_FINITE.discard(run)
+    _warn_unused_loader_options(run)
     if threading.current_thread() is not threading.main_thread():
         return
     previous = _PREVIOUS_HANDLERS[run] = {}
