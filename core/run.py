@@ -108,8 +108,8 @@ class Run:
             )
         self.precision: Precision = registry.component("precision", precision or "fp32", Precision)
         self.strategy.precision = self.precision
-        self.optimizer_spec = registry.factory("optimizer", optimizer, torch.optim.Optimizer)
         factory = registry.factory
+        self.optimizer_spec = factory("optimizer", optimizer, torch.optim.Optimizer)
         self.scheduler_spec = None if scheduler is None else factory("scheduler", scheduler, object)
         self.loggers: list[Logger] = [
             registry.component("logger", s, Logger) for s in defaults.sequence_of(loggers)
