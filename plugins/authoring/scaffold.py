@@ -63,6 +63,9 @@ KINDS: dict[str, Kind] = {
         "treadle.checkpoint", "CheckpointConformance", "checkpoint", components.CheckpointFormat,
         'checkpoint="NAME"',
     ),
+    "store": Kind(
+        "treadle.store", "StoreConformance", "store", components.CheckpointStore, 'store="NAME"'
+    ),
 }  # fmt: skip
 
 #: The hooks a new callback implements; every other hook is listed in a comment below them.
@@ -165,6 +168,8 @@ _IMPORTS = {
     "LossSum": ("typing", "from treadle.state import LossSum"),
     "ResumableSampler": ("typing", "from treadle.data import ResumableSampler"),
     "Run": ("typing", "from treadle.run import Run"),
+    "Snapshot": ("typing", "from treadle.checkpoint import Snapshot"),
+    "DirectoryStore": ("third", "from treadle.plugins.checkpoint.directory import DirectoryStore"),
 }
 
 
