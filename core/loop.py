@@ -160,20 +160,18 @@ def build_step(run: Run) -> Callable[[list[Any]], torch.Tensor]:
     )
     training_step = run.listeners["training_step"]
     normalization = run.config.loss_normalization
-    to_device, precision = _bound_to_device(strategy), strategy.precision
-    own_update = _overrides(strategy, "optimizer_step")
-    own_update |= not _inherits(precision, Precision, ("optimizer_step",))
-    update = strategy.optimizer_step if own_update else None
-    divides_only = not _overrides(strategy, "finalize_gradients", "divide_gradients")
-    divides_only &= _inherits(precision, Precision, ("unscale_gradients",))
-    plain = not _overrides(strategy, "backward") and _inherits(
-        precision, Precision, ("scale_loss",)
+    to_device = strategy.to_device
+    if _bases_only(strategy, ("to_device",), ("convert_input",)):
+        to_device = functools.partial(move_to_device, device=strategy.device)
+    plain_update = _bases_only(strategy, ("optimizer_step",), ("optimizer_step",))
+    update = None if plain_update else strategy.optimizer_step
+    divides_only = _bases_only(
+        strategy, ("finalize_gradients", "divide_gradients"), ("unscale_gradients",)
     )
+    plain = _bases_only(strategy, ("backward",), ("scale_loss",))
     plain &= not {"on_before_backward", "on_after_backward"} & run.listeners.keys()
     fit_state.plain_backward = torch.autograd.backward if plain else None
-    fit_state.plain_forward = not _overrides(strategy, "forward_context") and _inherits(
-        precision, Precision, ("forward_context",)
-    )
+    fit_state.plain_forward = _bases_only(strategy, ("forward_context",), ("forward_context",))
 
     def step(window: list[Any]) -> torch.Tensor:
         if step_begin is not None:
@@ -239,22 +237,16 @@ _STEP_CODE = next(
 )
 
 
-def _overrides(strategy: Strategy, *names: str) -> bool:
-    return not _inherits(strategy, Strategy, names)
+def _bases_only(strategy: Strategy, own: tuple[str, ...], precisions: tuple[str, ...]) -> bool:
+    """Whether the strategy's methods ``own`` and its precision's ``precisions`` are the base
+    classes', which in a step only move, call or divide by 1: what the step may do itself."""
+    return _inherits(strategy, Strategy, own) and _inherits(
+        strategy.precision, Precision, precisions
+    )
 
 
 def _inherits(component: object, base: type, names: tuple[str, ...]) -> bool:
     return all(getattr(type(component), name) is getattr(base, name) for name in names)
-
-
-def _bound_to_device(strategy: Strategy) -> Callable[[Any], Any]:
-    """``strategy.to_device``, or the move it does when neither it nor the precision's
-    ``convert_input`` is overridden."""
-    if _overrides(strategy, "to_device") or not _inherits(
-        strategy.precision, Precision, ("convert_input",)
-    ):
-        return strategy.to_device
-    return functools.partial(move_to_device, device=strategy.device)
 
 
 def _loss_parts(loss: torch.Tensor | LossSum, normalization: str) -> tuple[torch.Tensor, Any]:
