@@ -261,8 +261,7 @@ def _loss_parts(loss: torch.Tensor | LossSum, normalization: str) -> tuple[torch
 def _step_boundary(run: Run, meter: _Meter) -> None:
     """After a step: act on the cadence and on plugins' requests, in HF's order log → eval → save."""
     config, state = run.config, run.state
-    requests = run.strategy.agree(run.fit_state.requests | run.fit_state.preempt_requests)
-    run.fit_state.requests = 0
+    requests = _agreed_requests(run, run.fit_state.preempt_requests)
     requested = run.fit_state.stop_reason  # a plugin's reason, kept if a preemption comes with it
     if requests & PREEMPT:
         requests |= SAVE | STOP
@@ -279,8 +278,7 @@ def _step_boundary(run: Run, meter: _Meter) -> None:
     if eval_due and run.eval_data is not None:
         evaluate(run)
     if log_due or eval_due:  # a plugin may have asked for a save or a stop in on_log/on_eval_end
-        requests |= run.strategy.agree(run.fit_state.requests)
-        run.fit_state.requests = 0
+        requests |= _agreed_requests(run)
         requested = requested or run.fit_state.stop_reason
     _stop_or_end_epoch(run, requests, requested)  # before the save, which records them
     save_due = requests & SAVE or (config.save_every and state.step % config.save_every == 0)
@@ -292,18 +290,24 @@ def _epoch_boundary(run: Run, meter: _Meter) -> None:
     """After ``on_epoch_end`` and the epoch's evaluation: act on what plugins asked for there
     (HF's epoch-end control), before the next epoch starts rather than after its first step."""
     state = run.state
-    requests = run.strategy.agree(run.fit_state.requests)
-    run.fit_state.requests = 0
+    requests = _agreed_requests(run)
     if requests & LOG:
         meter.log()
     if requests & EVAL and run.eval_data is not None:
         evaluate(run)
-        requests |= run.strategy.agree(run.fit_state.requests)
-        run.fit_state.requests = 0
+        requests |= _agreed_requests(run)
     _stop_or_end_epoch(run, requests & ~END_EPOCH, run.fit_state.stop_reason)  # the epoch has ended
     saved = run.checkpoint_format is None or run.fit_state.last_save_step == state.step
     if requests & SAVE and not saved:
         checkpoint.save(run, background=run.config.save_async and not run.fit_state.stopping)
+
+
+def _agreed_requests(run: Run, also: int = 0) -> int:
+    """The requests pending on any rank (with ``also``), agreed by every rank; taken, so that
+    each is acted on once."""
+    requests = run.strategy.agree(run.fit_state.requests | also)
+    run.fit_state.requests = 0
+    return requests
 
 
 def _stop_or_end_epoch(run: Run, requests: int, requested: str | None) -> None:
