@@ -5,21 +5,19 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
 from treadle.errors import CheckpointError, ConfigError, TreadleError
+from treadle.plugins.checkpoint.files import open_regular
 
 __all__ = [
     "StorageKey",
     "check_not_lfs_pointer",
     "checked_file_name",
     "describe_mismatch",
-    "open_regular",
     "parse_size",
     "split_shared",
     "storage_key",
@@ -105,25 +103,6 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def open_regular(path: Path) -> BinaryIO:
-    """Open a regular file for reading, never through a link and never blocking on a FIFO.
-
-    Raises:
-        CheckpointError: ``path`` is missing, a symbolic link, or not a regular file.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        why = "is a symbolic link" if Path(path).is_symlink() else f"cannot be read ({exc})"
-        raise CheckpointError(
-            f"{path} {why}; checkpoints are read from regular files only"
-        ) from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CheckpointError(f"{path} is not a regular file; checkpoints are read from those only")
-    return os.fdopen(fd, "rb")
 
 
 def checked_file_name(name: object, listed_in: Path) -> str:

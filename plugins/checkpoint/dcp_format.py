@@ -34,7 +34,8 @@ from torch import nn
 
 from treadle.components import CheckpointFormat
 from treadle.errors import CheckpointError, ConfigError, TreadleError
-from treadle.plugins.checkpoint._tensors import checked_file_name, describe_mismatch, open_regular
+from treadle.plugins.checkpoint._tensors import checked_file_name, describe_mismatch
+from treadle.plugins.checkpoint.files import open_regular
 
 __all__ = ["DCPFormat"]
 

@@ -39,7 +39,8 @@ from torch import nn
 
 from treadle.errors import ConfigError, TreadleError, require
 from treadle.hookspecs import hookimpl
-from treadle.plugins.checkpoint._tensors import checked_file_name, describe_mismatch, open_regular
+from treadle.plugins.checkpoint._tensors import checked_file_name, describe_mismatch
+from treadle.plugins.checkpoint.files import open_regular
 from treadle.plugins.checkpoint.safetensors_format import SafetensorsFormat
 
 if TYPE_CHECKING:

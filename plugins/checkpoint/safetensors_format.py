@@ -34,11 +34,11 @@ from treadle.plugins.checkpoint._tensors import (
     check_not_lfs_pointer,
     checked_file_name,
     describe_mismatch,
-    open_regular,
     parse_size,
     split_shared,
     write_atomically,
 )
+from treadle.plugins.checkpoint.files import open_regular
 
 __all__ = ["ALIASES_KEY", "LoadResult", "SafetensorsFormat", "load_weights_into"]
 
